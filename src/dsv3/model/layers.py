@@ -1,0 +1,109 @@
+"""RMSNorm, SwiGLU MLP and the (YaRN) rotary embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (the order transformers and the official code use).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and the shared experts."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the rope dims (YaRN-corrected when configured) and the cos/sin scale."""
+    rope = cfg.rope
+    dim, base = cfg.qk_rope_head_dim, float(rope["rope_theta"])
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if rope["rope_type"] != "yarn":
+        return freqs, 1.0
+    factor = float(rope["factor"])
+    orig = rope["original_max_position_embeddings"]
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    freqs = freqs / factor * ramp + freqs * (1 - ramp)  # interpolate low frequencies, keep high ones
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        from ..config import yarn_mscale
+
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return freqs, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Gives cos/sin per (position, rotary pair); `apply_rotary` rotates the pairs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
+        self.scale = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.inv_freq.is_meta:
+            return
+        freqs, self.scale = rope_inv_freq(self.cfg)
+        with torch.no_grad():
+            self.inv_freq.copy_(freqs)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[..., None] * self.inv_freq  # [..., T, rope/2]
+        return angles.cos() * self.scale, angles.sin() * self.scale
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [B, T, H, d] by per-token angles cos/sin [B or 1, T, d/2] (in fp32, result in x's dtype).
+
+    interleave=True rotates adjacent pairs (x0, x1), (x2, x3), ... (the official DeepSeek layout) and keeps
+    that layout; interleave=False rotates (x_i, x_{i+d/2}) (the rotate-half layout).
+    """
+    dtype = x.dtype
+    x = x.float()
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(dtype)

@@ -1,0 +1,127 @@
+"""DeepSeekMoE: router (sigmoid or softmax scores, group-limited top-k, correction bias), routed experts as
+grouped GEMMs over tokens sorted by expert, shared experts, and the load statistics training needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RoutingStats:
+    """One MoE layer's routing in one forward: expert load (tokens per expert) and the balance-loss term."""
+
+    load: torch.Tensor  # [E] tokens routed to each expert (no grad)
+    balance: torch.Tensor  # scalar sum_i f_i P_i, averaged over sequences (differentiable)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.cfg = cfg
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or self.n_group
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        # Auxiliary-loss-free balancing: added to the scores for the choice only; a buffer, never optimised.
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x [N, H] -> weights [N, k] (fp32), expert indices [N, k], scores [N, E] (fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        sigmoid = self.cfg.scoring_func == "sigmoid"
+        scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if sigmoid else scores
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_group, E // self.n_group)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if sigmoid else grouped.amax(-1)  # [N, G]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], True)
+            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)  # the unbiased scores of the chosen experts
+        if self.cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.cfg.routed_scaling_factor, idx, scores
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked ([E, out, in], nn.Linear orientation) for grouped GEMMs.
+
+    Checkpoints hold them per expert (`experts.{e}.gate_proj.weight`, ...); dsv3.checkpoint maps the names.
+    """
+
+    def __init__(self, n: int, hidden: int, inter: int):
+        super().__init__()
+        self.n = n
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # token slots sorted by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.n)
+        xs = x[token]  # [N*k, H]
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
+        if _grouped_mm_ok(xs):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+            g, u = h.chunk(2, dim=-1)
+            out = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
+        else:  # fallback: one matmul per expert that received tokens
+            out = torch.empty_like(xs)
+            start = 0
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    g, u = F.linear(xs[start:start + c], gate_up[e]).chunk(2, dim=-1)
+                    out[start:start + c] = F.linear(F.silu(g) * u, down[e])
+                start += c
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, stats: list[RoutingStats] | None = None) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        weights, idx, scores = self.gate(flat)
+        y = self.experts(flat, weights, idx).to(x.dtype).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if stats is not None:
+            stats.append(self.routing_stats(idx, scores, B, T))
+        return y
+
+    def routing_stats(self, idx: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> RoutingStats:
+        """Load per expert and the sequence-wise balance term sum_i f_i P_i (DeepSeek-V3 eq. 17-20)."""
+        E, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        chosen = torch.zeros(B * T, E, device=idx.device).scatter_(1, idx, 1.0).view(B, T, E)
+        f = chosen.sum(1) * (E / (k * T))  # [B, E]
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
+        return RoutingStats(load=chosen.sum((0, 1)).detach(), balance=(f * p).sum(-1).mean())

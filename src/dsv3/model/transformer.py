@@ -1,0 +1,241 @@
+"""Decoder block, Multi-Token Prediction module, and the DeepseekV3 model.
+
+Module names follow the Hugging Face checkpoint names (`model.embed_tokens`, `model.layers.{i}.self_attn...`,
+`lm_head`); MTP module k lives at `model.layers.{num_hidden_layers + k}` as in the released weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .layers import MLP, RMSNorm, RotaryEmbedding
+from .moe import Experts, MoE, Router, RoutingStats
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        # MTP modules (layer_idx >= num_hidden_layers) use an MoE block whenever the model has experts.
+        mtp = layer_idx >= cfg.num_hidden_layers
+        moe = bool(cfg.n_routed_experts) if mtp else cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def _ffn(self, h, stats):
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, stats) if isinstance(self.mlp, MoE) else self.mlp(x))
+
+    def forward(self, h, cos, sin, mask=None, stats: list[RoutingStats] | None = None, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        return self._ffn(h, stats)
+
+    def forward_absorbed(self, h, cos, sin, kv_cache, pe_cache, positions, mask):
+        h = h + self.self_attn.forward_absorbed(self.input_layernorm(h), cos, sin, kv_cache, pe_cache, positions, mask)
+        return self._ffn(h, None)
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output head itself is the main model's lm_head (shared)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Depth-k MTP module: h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_{k-1})]), one decoder block, then
+    shared_head.norm and the shared output head. Embedding and head are the main model's (shared)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def combine(self, emb: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(prev)), dim=-1))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, i) for i in range(n)]
+            + [MTPLayer(cfg, n + k) for k in range(cfg.num_nextn_predict_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, T, V] main head
+    hidden: torch.Tensor  # [B, T, H] after the final norm
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, V], position i predicts t_{i+k+1}
+    routing: list[RoutingStats] = field(default_factory=list)  # one per MoE layer of the main model
+    mtp_routing: list[RoutingStats] = field(default_factory=list)
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3 (and V2-style) causal LM. `model(input_ids)` -> logits [B, T, V].
+
+    `forward_train(input_ids)` also returns the MTP logits and the routing statistics for training.
+    Build big configs on the meta device (`with torch.device("meta"): DeepseekV3(cfg)`): no memory is used
+    until the weights are loaded.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.lm_head.weight.is_meta:
+            self.reset_parameters()
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None):
+        """Normal(0, initializer_range) for all matrices, ones for norms, zero router biases."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, Router)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, Experts):
+                for p in (m.gate_up_proj, m.down_proj):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+        self.rotary.reset_parameters()
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp(self) -> list[MTPLayer]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor):
+        return self.rotary(positions)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: "LatentCache | None" = None) -> torch.Tensor:
+        """Logits [B, T, V]. attention_mask [B, T] (1 = token, 0 = right padding) is optional; with a
+        `cache`, the latents of positions 0..T-1 are stored for decoding with `forward_cached` (prefill)."""
+        return self._forward(input_ids, attention_mask, cache=cache).logits
+
+    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True) -> ForwardOutput:
+        """Main logits, MTP logits per depth (position i of depth k predicts token i+k+1) and routing stats."""
+        return self._forward(input_ids, None, with_stats=True, mtp=mtp)
+
+    def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None) -> ForwardOutput:
+        B, T = input_ids.shape
+        cfg = self.config
+        positions = torch.arange(T, device=input_ids.device)[None]
+        cos, sin = self._rope(positions)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)  # padded rows stay finite
+        stats: list[RoutingStats] | None = [] if with_stats else None
+        emb = self.model.embed_tokens(input_ids)
+        h = emb
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, stats, None if cache is None else (cache.kv[i], cache.pe[i]))
+        hidden = self.model.norm(h)
+        out = ForwardOutput(logits=self.lm_head(hidden), hidden=hidden, routing=stats or [])
+        if mtp:
+            prev = hidden
+            for k, layer in enumerate(self.mtp, start=1):
+                if T - k < 1:
+                    break
+                x = layer.combine(emb[:, k:], prev[:, : T - k])
+                mstats: list[RoutingStats] = []
+                x = layer(x, cos[:, : T - k], sin[:, : T - k], None, mstats)
+                prev = layer.shared_head.norm(x)
+                out.mtp_logits.append(self.lm_head(prev))
+                out.mtp_routing.extend(mstats)
+        return out
+
+    # ---- latent-cache decoding -----------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "LatentCache":
+        return LatentCache(self.config, batch, max_len, dtype or self.dtype, self.device)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
+                       return_hidden: bool = False):
+        """Run new tokens input_ids [B, S] at positions [B, S] through the absorbed path with the latent cache.
+
+        Each query attends to cache slots <= its own position. Returns logits [B, S, V] (and the final hidden).
+        """
+        L = int(positions.max()) + 1
+        slots = torch.arange(L, device=positions.device)
+        mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        cos, sin = self._rope(positions)
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_absorbed(h, cos, sin, cache.kv[i], cache.pe[i], positions, mask)
+        hidden = self.model.norm(h)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DeepseekV3":
+        from ..checkpoint.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30) -> None:
+        from ..checkpoint.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def num_parameters(self) -> dict:
+        from ..sizing import count_parameters
+
+        return count_parameters(self.config)
+
+
+class LatentCache:
+    """Per layer: norm(c_kv) [B, max_len, kv_lora_rank] and rotated k_pe [B, max_len, qk_rope_head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        n = cfg.num_hidden_layers
+        self.max_len = max_len
+        self.kv = [torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in range(n)]
+        self.pe = [torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
