@@ -31,14 +31,21 @@ class Router(nn.Module):
         self.topk_group = cfg.topk_group or self.n_group
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         # Auxiliary-loss-free balancing: added to the scores for the choice only; a buffer, never optimised.
-        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        # V2-style (softmax) routers have none.
+        bias = torch.zeros(E, dtype=torch.float32) if self.uses_bias(cfg) else None
+        self.register_buffer("e_score_correction_bias", bias)
+
+    @staticmethod
+    def uses_bias(cfg: ModelConfig) -> bool:
+        return cfg.scoring_func == "sigmoid" or cfg.topk_method == "noaux_tc"
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> weights [N, k] (fp32), expert indices [N, k], scores [N, E] (fp32)."""
         logits = F.linear(x.float(), self.weight.float())
         sigmoid = self.cfg.scoring_func == "sigmoid"
         scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias if sigmoid else scores
+        bias = self.e_score_correction_bias
+        choice = scores if bias is None else scores + bias
         if self.n_group > 1 and self.topk_group < self.n_group:
             N, E = choice.shape
             grouped = choice.view(N, self.n_group, E // self.n_group)

@@ -121,7 +121,7 @@ class DeepseekV3(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
-            if isinstance(m, Router):
+            if isinstance(m, Router) and m.e_score_correction_bias is not None:
                 m.e_score_correction_bias.zero_()
         self.rotary.reset_parameters()
 
@@ -157,7 +157,6 @@ class DeepseekV3(nn.Module):
 
     def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None) -> ForwardOutput:
         B, T = input_ids.shape
-        cfg = self.config
         positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self._rope(positions)
         mask = None
