@@ -68,11 +68,12 @@ def cmd_init(args) -> int:
 
 def _default_tokenizer(cfg: ModelConfig):
     """The built-in math-corpus tokenizer at the config's vocabulary size (None if that cannot be built)."""
+    from .data.tokenizer import train_math_tokenizer
+
     try:
-        from .data.tokenizer import default_math_tokenizer
-    except ImportError:
+        return train_math_tokenizer(vocab_size=min(cfg.vocab_size, 8192))
+    except ValueError:  # a vocabulary too small for byte-level BPE
         return None
-    return default_math_tokenizer(cfg.vocab_size)
 
 
 def cmd_convert(args) -> int:

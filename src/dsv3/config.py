@@ -158,8 +158,9 @@ class ModelConfig:
         # head_dim / qk_head_dim are derived (transformers recomputes them); keeping them could go stale.
         extra = {k: v for k, v in d.items() if k not in names and k not in ("head_dim", "qk_head_dim")}
         # transformers >= 5 spells the dtype `dtype`; older files `torch_dtype`.
-        if "dtype" in extra and "torch_dtype" not in known:
-            known["torch_dtype"] = extra.pop("dtype")
+        if "dtype" in extra:  # one dtype field only, so a stale copy can never win
+            dtype = extra.pop("dtype")
+            known.setdefault("torch_dtype", dtype)
         # rope_theta may live inside rope_parameters
         rp = known.get("rope_parameters")
         if isinstance(rp, dict) and "rope_theta" in rp and "rope_theta" not in known:

@@ -1,0 +1,330 @@
+"""The training loop: next-token CE + MTP + sequence-wise balance loss, auxiliary-loss-free bias updates,
+AdamW with warm-up/constant/cosine, bf16 autocast over fp32 master weights, checkpoints and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import DeepseekV3
+from ..model.transformer import cross_entropy
+from .balance import max_vio, update_biases
+from .optim import bias_gamma_at, build_optimizer, lr_at, mtp_lambda_at
+from .state import latest_checkpoint, load_training_state, save_checkpoint
+
+
+class TrainError(ValueError):
+    """Bad training input or a run that cannot continue (the message says what to fix)."""
+
+
+@dataclass
+class TrainArgs:
+    out: str = "runs/default"
+    preset: str | None = "tiny"
+    config: str | None = None  # a config.json (overrides --preset)
+    init_from: str | None = None  # continue training from a checkpoint directory's weights
+    data: list[str] = field(default_factory=list)  # empty: the built-in math corpus
+    tokenizer: str | None = None  # an existing Hugging Face tokenizer directory
+    seq_len: int = 256
+    batch_size: int = 32  # global batch, in sequences
+    micro_batch_size: int | None = None  # per forward; batch_size / micro_batch_size accumulation steps
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    stop_at: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    decay_start: float = 0.6  # fraction of max_steps where the cosine decay begins
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_lambda_switch: float = 0.7
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    bias_gamma_off: float = 0.95  # fraction of max_steps after which the bias stops moving
+    dtype: str = "bfloat16"  # autocast dtype; "float32" for exact runs
+    seed: int = 0
+    eval_every: int = 200
+    eval_problems: int = 200
+    save_every: int = 200
+    keep_last: int = 3
+    resume: bool = False
+    max_bad_steps: int = 5
+    step_weights: list[float] | None = None  # built-in corpus mix over 1..4-step problems
+    tensorboard: bool = False
+    wandb: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise TrainError(msg)
+
+        need(self.seq_len >= 8, f"--seq-len must be >= 8, got {self.seq_len}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        mb = self.micro_batch_size or self.batch_size
+        need(1 <= mb <= self.batch_size and self.batch_size % mb == 0,
+             f"--micro-batch-size ({mb}) must divide --batch-size ({self.batch_size})")
+        need(self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        need(0 <= self.decay_start <= 1, "--decay-start must be in [0, 1]")
+        need(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        need(self.grad_clip > 0, "--grad-clip must be positive")
+        need(self.balance_alpha >= 0 and self.bias_gamma >= 0 and self.mtp_lambda >= 0,
+             "--balance-alpha, --bias-gamma and --mtp-lambda must be >= 0")
+        need(self.dtype in ("bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got {self.dtype}")
+        need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be >= 1")
+        need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive")
+        for p in self.data:
+            if not p.startswith("hf:") and not Path(p).exists():
+                raise TrainError(f"data path not found: {p}")
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak_flops(dtype: torch.dtype) -> float:
+    """Measured dense matmul throughput of this machine (FLOP/s), the MFU denominator."""
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x activated matmul parameters (embedding lookup excluded) + causal attention, forward + backward."""
+    from ..sizing import count_parameters
+
+    active = count_parameters(cfg)["params_activated_per_token"] - cfg.vocab_size * cfg.hidden_size
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * active + attn
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs):
+        from .data_setup import build_data  # data pipeline (tokenizer, streams) lives beside the loop
+
+        args.validate()
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+        resume_from = latest_checkpoint(self.out) if args.resume else None
+        if args.resume and resume_from is None:
+            raise TrainError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        if resume_from is not None:
+            self.model = DeepseekV3.from_pretrained(resume_from, dtype=torch.float32)
+            cfg = self.model.config
+        else:
+            if args.init_from:
+                self.model = DeepseekV3.from_pretrained(args.init_from, dtype=torch.float32)
+                cfg = self.model.config
+            else:
+                cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
+                self.model = DeepseekV3(cfg)
+                self.model.reset_parameters(seed=args.seed)
+        self.cfg = cfg
+        self.data = build_data(args, cfg, resume_from or args.init_from)
+        self.model.train()
+        self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
+        self.step = 0
+        self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+        self.peak = _matmul_peak_flops(torch.bfloat16 if self.autocast_dtype else torch.float32)
+        self.flops_tok = flops_per_token(cfg, args.seq_len)
+        self.best_eval: dict | None = None
+        if resume_from is not None:
+            st = load_training_state(resume_from, self.opt)
+            self.step = st["step"]
+            self.data.train.load_state_dict(st["data"])
+            self._truncate_metrics(self.step)
+        (self.out / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        self._loggers = self._external_loggers()
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def _losses(self, batch: torch.Tensor, mtp_lambda: float):
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        ctx = (torch.autocast("cpu", dtype=self.autocast_dtype) if self.autocast_dtype
+               else torch.autocast("cpu", enabled=False))
+        with ctx:
+            out = self.model.forward_train(inputs, mtp=mtp_lambda > 0 and self.cfg.num_nextn_predict_layers > 0)
+        main = cross_entropy(out.logits, labels)
+        mtp = torch.zeros((), device=main.device)
+        if out.mtp_logits:
+            mtp = sum(cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1))
+            mtp = mtp / len(out.mtp_logits)
+        routing = out.routing + out.mtp_routing
+        balance = sum((r.balance for r in routing), torch.zeros((), device=main.device))
+        return main, mtp, balance, [r.load for r in routing]
+
+    def train_step(self) -> dict:
+        a = self.args
+        lr = lr_at(self.step, a.max_steps, a.lr, a.warmup_steps, a.decay_start, a.min_lr_ratio)
+        lam = mtp_lambda_at(self.step, a.max_steps, a.mtp_lambda, a.mtp_lambda_late, a.mtp_lambda_switch)
+        gamma = bias_gamma_at(self.step, a.max_steps, a.bias_gamma, a.bias_gamma_off)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        mb = a.micro_batch_size or a.batch_size
+        n_micro = a.batch_size // mb
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        loads = None
+        self.opt.zero_grad(set_to_none=True)
+        for _ in range(n_micro):
+            batch = self.data.train.next_batch(mb)
+            main, mtp, balance, micro_loads = self._losses(batch, lam)
+            total = main + lam * mtp + a.balance_alpha * balance
+            (total / n_micro).backward()
+            sums["loss"] += main.item() / n_micro
+            sums["mtp_loss"] += mtp.item() / n_micro
+            sums["balance_loss"] += a.balance_alpha * balance.item() / n_micro
+            loads = micro_loads if loads is None else [x + y for x, y in zip(loads, micro_loads)]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip))
+        ok = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if ok:
+            self.opt.step()
+            update_biases(self.model, loads, gamma)
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tokens = a.batch_size * a.seq_len
+        n_main = self.cfg.num_moe_layers
+        vio = [max_vio(c) for c in loads[:n_main]] if loads else []
+        rec = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "mtp_lambda": lam,
+               "bias_gamma": gamma, "tokens_per_s": tokens / dt, "mfu": tokens * self.flops_tok / dt / self.peak,
+               "max_vio": sum(vio) / len(vio) if vio else 0.0, "max_vio_per_layer": vio,
+               "expert_load": [(c / c.sum()).tolist() for c in loads[:n_main]] if loads else [],
+               "time": time.time()}
+        if not ok:
+            rec["skipped"] = True
+        return rec
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        from ..eval.math_eval import evaluate_math, heldout_loss
+
+        self.model.eval()
+        try:
+            res = {"eval_loss": heldout_loss(self.model, self.data.heldout_batches)}
+            if self.data.eval_problems:
+                acc = evaluate_math(self.model, self.data.tokenizer, self.data.eval_problems)
+                res["eval_accuracy"] = acc["accuracy"]
+                res["eval_by_steps"] = acc["by_steps"]
+        finally:
+            self.model.train()
+        return res
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "data": self.data.train.state_dict(), "args": dataclasses.asdict(self.args)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model, self.opt, self.data.tokenizer,
+                               self._trainer_state(), self.args.keep_last)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _external_loggers(self):
+        loggers = []
+        if self.args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                loggers.append(("tb", SummaryWriter(str(self.out / "tensorboard"))))
+            except ImportError:
+                print("tensorboard is not installed; --tensorboard ignored")
+        if self.args.wandb:
+            try:
+                import wandb
+
+                loggers.append(("wandb", wandb.init(project="dsv3", dir=str(self.out),
+                                                    config=dataclasses.asdict(self.args))))
+            except ImportError:
+                print("wandb is not installed; --wandb ignored")
+        return loggers
+
+    def _log(self, rec: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+        for kind, lg in self._loggers:
+            if kind == "tb":
+                for k, v in scalars.items():
+                    lg.add_scalar(k, v, rec["step"])
+            else:
+                lg.log(scalars, step=rec["step"])
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        a = self.args
+        end = min(a.max_steps, a.stop_at) if a.stop_at else a.max_steps
+        deadline = time.time() + 60 * a.max_minutes if a.max_minutes else None
+        bad = 0
+        interrupted = False
+        last_rec: dict = {}
+
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_sigterm)
+        bar = tqdm(total=end, initial=self.step, disable=not a.progress, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                if rec.get("skipped"):
+                    bad += 1
+                    self._log(rec)
+                    if bad >= a.max_bad_steps:
+                        raise TrainError(f"{bad} non-finite losses in a row at step {self.step + 1}; stopping. "
+                                         f"The last good checkpoint is intact under {self.out / 'checkpoints'}")
+                    continue
+                bad = 0
+                self.step += 1
+                out_of_time = deadline is not None and time.time() >= deadline
+                if a.eval_every and (self.step % a.eval_every == 0 or self.step == end or out_of_time):
+                    rec.update(self.evaluate())
+                self._log(rec)
+                last_rec = rec
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", mtp=f"{rec['mtp_loss']:.3f}",
+                                vio=f"{rec['max_vio']:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if a.save_every and self.step % a.save_every == 0 and self.step < end:
+                    self.save()
+                if out_of_time:
+                    bar.write(f"time budget of {a.max_minutes} min reached at step {self.step}")
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"interrupted at step {self.step}; saving a checkpoint")
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, old)
+        ckpt = self.save()
+        for kind, lg in self._loggers:
+            lg.close() if kind == "tb" else lg.finish()
+        if interrupted:
+            raise KeyboardInterrupt
+        return {"step": self.step, "checkpoint": str(ckpt), **{k: v for k, v in last_rec.items()
+                                                                if k.startswith("eval") or k == "loss"}}
+
+
+def train(args: TrainArgs) -> dict:
+    return Trainer(args).run()

@@ -1,0 +1,127 @@
+"""Training: bias updates, balance loss, schedules, a short run that learns, bit-identical resume, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from hf_oracle import tiny_config
+
+from dsv3 import DeepseekV3, ModelConfig
+from dsv3.model.moe import MoE
+from dsv3.train.balance import max_vio, routers, update_biases
+from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
+from dsv3.train.trainer import TrainArgs, Trainer, TrainError
+
+
+def test_bias_update_direction_and_size():
+    model = DeepseekV3(tiny_config())
+    rs = routers(model)
+    E = rs[0].e_score_correction_bias.numel()
+    loads = [torch.arange(E, dtype=torch.float32) for _ in rs]  # expert i got i tokens; mean (E-1)/2
+    before = [r.e_score_correction_bias.clone() for r in rs]
+    update_biases(model, loads, gamma=0.001)
+    for r, b0, c in zip(rs, before, loads):
+        delta = r.e_score_correction_bias - b0
+        expect = 0.001 * torch.sign(c.mean() - c)  # underloaded up, overloaded down, by exactly gamma
+        torch.testing.assert_close(delta, expect, atol=1e-9, rtol=0)
+    assert all(not p.requires_grad for r in rs for p in r.buffers())
+    assert max_vio(torch.tensor([1.0, 1.0, 4.0, 2.0])) == pytest.approx((4 - 2) / 2)
+
+
+def test_balance_loss_matches_hand_computation():
+    cfg = tiny_config(n_group=1, topk_group=1)
+    moe = MoE(cfg)
+    B, T, E, k = 2, 3, cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores = torch.rand(B * T, E)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(B * T)])
+    st = moe.routing_stats(idx, scores, B, T)
+    total = 0.0
+    for b in range(B):
+        for i in range(E):
+            f = E / (k * T) * sum(int(i in idx[b * T + t].tolist()) for t in range(T))
+            p = sum(float(scores[b * T + t, i] / scores[b * T + t].sum()) for t in range(T)) / T
+            total += f * p
+    assert float(st.balance) == pytest.approx(total / B, rel=1e-6)
+    assert st.load.sum() == B * T * k
+
+
+def test_schedules():
+    peak = 1e-3
+    assert lr_at(0, 100, peak, 10, 0.5, 0.1) == pytest.approx(peak / 10)
+    assert lr_at(9, 100, peak, 10, 0.5, 0.1) == pytest.approx(peak)
+    assert lr_at(40, 100, peak, 10, 0.5, 0.1) == pytest.approx(peak)  # constant phase
+    assert lr_at(75, 100, peak, 10, 0.5, 0.1) == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))))
+    assert lr_at(100, 100, peak, 10, 0.5, 0.1) == pytest.approx(0.1 * peak)
+    assert mtp_lambda_at(10, 100, 0.3, 0.1, 0.7) == 0.3 and mtp_lambda_at(80, 100, 0.3, 0.1, 0.7) == 0.1
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = DeepseekV3(tiny_config())
+    opt = build_optimizer(model, 1e-3, 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
+
+
+def _args(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), preset="tiny", seq_len=64, batch_size=4, max_steps=6, lr=3e-3,
+                warmup_steps=2, eval_every=0, eval_problems=8, save_every=0, dtype="float32", progress=False, seed=0)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def _losses(run_dir):
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_logs_metrics(tmp_path):
+    res = Trainer(_args(tmp_path, max_steps=25, lr=5e-3, eval_every=25)).run()
+    run = tmp_path / "run"
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 25
+    for key in ("step", "loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_vio",
+                "max_vio_per_layer"):
+        assert key in recs[0], key
+    assert sum(r["loss"] for r in recs[-3:]) / 3 < recs[0]["loss"] - 1.0  # it learns
+    assert "eval_loss" in recs[-1] and "eval_by_steps" in recs[-1] and res["step"] == 25
+    # the run directory is a loadable model directory with the trained biases
+    model = DeepseekV3.from_pretrained(run)
+    assert any(r.e_score_correction_bias.abs().sum() > 0 for r in routers(model))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    Trainer(_args(tmp_path / "a", max_steps=6)).run()
+    Trainer(_args(tmp_path / "b", max_steps=6, stop_at=3)).run()
+    assert len(_losses(tmp_path / "b" / "run")) == 3
+    Trainer(_args(tmp_path / "b", max_steps=6, resume=True)).run()
+    assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
+    wa = DeepseekV3.from_pretrained(tmp_path / "a" / "run").state_dict()
+    wb = DeepseekV3.from_pretrained(tmp_path / "b" / "run").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(data=["/no/such/file.txt"]), "data path not found"),
+    (dict(batch_size=4, micro_batch_size=3), "must divide"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(dtype="float16"), "--dtype"),
+    (dict(seq_len=2), "--seq-len"),
+])
+def test_bad_input_fails_before_training(tmp_path, kw, msg):
+    with pytest.raises(TrainError, match=msg):
+        Trainer(_args(tmp_path, **kw))
+
+
+def test_empty_dataset_and_vocab_mismatch(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises((TrainError, ValueError), match="(?i)empty|no documents"):
+        Trainer(_args(tmp_path, data=[str(empty)]))
+    from dsv3.data.tokenizer import train_math_tokenizer
+
+    train_math_tokenizer(vocab_size=512, n_problems=2000, out_dir=tmp_path / "tok")
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=300)
+    cfg.to_json(tmp_path / "config.json")
+    with pytest.raises(TrainError, match="vocab"):
+        Trainer(_args(tmp_path, config=str(tmp_path / "config.json"), tokenizer=str(tmp_path / "tok")))
