@@ -234,7 +234,7 @@ _V3_ROPE = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 40
 PRESETS: dict[str, dict] = {
     # Trains in minutes on 2 CPU cores (see `make demo`).
     "tiny": dict(
-        vocab_size=512, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
+        vocab_size=1024, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=6, q_lora_rank=96,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=2, n_shared_experts=1,

@@ -49,49 +49,80 @@ class MLA(nn.Module):
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: tuple | None = None):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: torch.Tensor | None = None):
         """Full attention over x [B, T, H]; causal, or `mask` [B, 1, T, T] (True = may attend).
 
-        With cache=(kv_cache, pe_cache), the latents of positions 0..T-1 are stored for later decoding.
+        With a latent cache buffer [B, L, rank + rope] (`LatentCache.latent[i]`), the latents of positions
+        0..T-1 are stored in it for later decoding.
         """
         B, T, _ = x.shape
         q_nope, q_pe = self._queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
-            cache[0][:, :T] = c_kv
-            cache[1][:, :T] = k_pe
+            cache[:, :T, : self.rank] = c_kv
+            cache[:, :T, self.rank:] = k_pe
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, qk]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        qk = q.shape[-1]
+        if self.v_dim < qk:  # equal head dims let SDPA take its fused (flash) kernel: ~2.5x faster on CPU
+            v = F.pad(v, (0, qk - self.v_dim))
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        o = o[..., : self.v_dim]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward_absorbed(self, x, cos, sin, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                         positions: torch.Tensor, mask: torch.Tensor):
-        """Attend from new tokens x [B, S, H] at `positions` [B, S] over the latent cache.
+    def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [nh, nope, rank] and W_UV transposed [nh, rank, v], split out of kv_b_proj.
 
-        The new tokens' latents are written into kv_cache [B, L, rank] / pe_cache [B, L, rope] at their
-        positions first; mask [B, S, L'] (True = may attend) covers the first L' cache slots.
+        Without a dtype: differentiable views of the live weight. With one (as `DeepseekV3.new_cache` asks,
+        once per cache): detached, and as contiguous copies when the dtype differs from the weight's.
+        """
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv_t = w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
+        if dtype is None:
+            return w_uk, w_uv_t
+        if dtype == w.dtype:
+            return w_uk.detach(), w_uv_t.detach()
+        return w_uk.detach().to(dtype).contiguous(), w_uv_t.detach().to(dtype).contiguous()
+
+    def forward_absorbed(self, x, cos, sin, cache: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor | int, absorbed: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Attend from new tokens x [B, S, H] at `positions` [B, S] over the latent cache [B, max_len, rank + rope].
+
+        The new tokens' latents [norm(c_kv) | k_pe] are written into the cache at their positions first.
+        mask [B, S, L] (True = may attend) covers the first L cache slots; an int L instead means every query
+        attends to all of the first L slots and every new token sits at position L - 1 (one per sequence).
+        Keys and values are never expanded: W_UK is folded into the query, which is scored against the latent
+        rows directly, and W_UV is applied after attention. The attention core runs in the cache's dtype;
+        `absorbed` = (W_UK, W_UV^T) in that dtype, as absorbed_weights(cache.dtype) makes them.
         """
         B, S, _ = x.shape
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
-        idx = positions[..., None]
-        kv_cache.scatter_(1, idx.expand(-1, -1, self.rank), c_kv.to(kv_cache.dtype))
-        pe_cache.scatter_(1, idx.expand(-1, -1, self.rope), k_pe.to(pe_cache.dtype))
-        L = mask.shape[-1]
-        kv, pe = kv_cache[:, :L], pe_cache[:, :L]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [nh, nope, rank], [nh, v, rank]
-        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # W_UK folded into the query
-        scores = (torch.einsum("bshr,blr->bshl", q_lat, kv) + torch.einsum("bshd,bld->bshl", q_pe, pe)).float()
-        scores = scores * self.scale
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        p = scores.softmax(dim=-1).to(kv.dtype)
-        o_lat = torch.einsum("bshl,blr->bshr", p, kv)  # [B, S, nh, rank]
-        o = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # W_UV applied after attention
-        return self.o_proj(o.reshape(B, S, -1))
+        nh, r, rope = self.n_heads, self.rank, self.rope
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, S, nh, -1).split([self.nope, rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, rope], dim=-1)
+        # rotate the query heads and the shared key together: [B, S, nh + 1, rope]
+        pe = apply_rotary(torch.cat((q_pe, k_pe[:, :, None]), dim=2), cos, sin, self.interleave)
+        new = torch.cat((self.kv_a_layernorm(c_kv), pe[:, :, nh]), dim=-1).to(cache.dtype)  # [B, S, rank + rope]
+        if isinstance(mask, int):
+            L, mask = mask, None
+            cache[:, L - 1: L] = new
+        else:
+            L = mask.shape[-1]
+            cache.index_put_((torch.arange(B, device=x.device)[:, None], positions), new)
+        ct = cache.dtype  # compute dtype of the attention core
+        w_uk, w_uv_t = absorbed if absorbed is not None else (w.to(ct) for w in self.absorbed_weights())
+        kv = cache[:, :L]  # [B, L, rank + rope]
+        q_lat = torch.bmm(q_nope.reshape(B * S, nh, self.nope).transpose(0, 1).to(ct), w_uk)  # [nh, B*S, rank]
+        q_abs = torch.cat((q_lat.transpose(0, 1), pe[:, :, :nh].reshape(B * S, nh, rope).to(ct)), dim=-1)
+        scores = torch.bmm(q_abs.view(B, S * nh, r + rope), kv.transpose(1, 2))  # [B, S*nh, L], rows (s, h)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.view(B, S, nh, L).masked_fill(~mask[:, :, None, :], float("-inf")).view(B, S * nh, L)
+        o_lat = torch.bmm(scores.softmax(dim=-1).to(ct), kv[..., :r])  # [B, S*nh, rank]
+        o = torch.bmm(o_lat.view(B * S, nh, r).transpose(0, 1), w_uv_t)  # [nh, B*S, v]
+        return self.o_proj(o.transpose(0, 1).reshape(B, S, nh * self.v_dim).to(x.dtype))
