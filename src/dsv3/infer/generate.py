@@ -68,14 +68,21 @@ def generate(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, t
     last = logits[torch.arange(B, device=device), pos - 1]
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * B
+    steps: list[torch.Tensor] = []  # without EOS nothing is read back until the end (no per-step device sync)
     for step in range(max_new_tokens):
         tok = sample(last, temperature, top_p, gen)
-        for b, t in enumerate(tok.tolist()):
-            if not done[b]:
-                out[b].append(t)
-                done[b] = t in eos or len(out[b]) >= max_new_tokens
-        if all(done) or step == max_new_tokens - 1:
+        if eos:
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = t in eos or len(out[b]) >= max_new_tokens
+            if all(done):
+                break
+        else:
+            steps.append(tok)
+        if step == max_new_tokens - 1:
             break
-        last = model.forward_cached(tok[:, None], pos[:, None], cache)[:, 0]
+        # positions lens + step; the largest is T + step
+        last = model.forward_cached(tok[:, None], pos[:, None], cache, max_position=T + step)[:, 0]
         pos = pos + 1
-    return out
+    return out if eos else torch.stack(steps, dim=1).tolist()

@@ -50,9 +50,9 @@ class Router(nn.Module):
             N, E = choice.shape
             grouped = choice.view(N, self.n_group, E // self.n_group)
             group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if sigmoid else grouped.amax(-1)  # [N, G]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], True)
-            choice = choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+            drop = torch.ones_like(group_scores, dtype=torch.bool)
+            drop.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], False)
+            choice = grouped.masked_fill(drop[..., None], float("-inf")).view(N, E)  # experts of kept groups only
         idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)  # the unbiased scores of the chosen experts
         if self.cfg.norm_topk_prob:
@@ -79,6 +79,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
         N, k = idx.shape
+        if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return self._one_token(x, weights, idx)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token slots sorted by expert
         token = order // k
@@ -103,6 +105,16 @@ class Experts(nn.Module):
                 start += c
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decoding on CPU: k matrix-vector products per projection, no sort, grouping or scatter
+        (CPU grouped_mm would walk all E groups for k rows). Reading idx to the host costs nothing on CPU."""
+        ids, xv = idx[0].tolist(), x[0]
+        h = torch.stack([torch.mv(self.gate_up_proj[e], xv) for e in ids])  # [k, 2 * inter]
+        g, u = h.chunk(2, dim=-1)
+        a = (F.silu(g) * u).unbind(0)  # k x [inter]
+        y = torch.stack([torch.mv(self.down_proj[e], a_e) for e, a_e in zip(ids, a)])  # [k, H]
+        return torch.mm(weights, y.float())  # [1, H]: the weighted sum, in fp32 (router weights are fp32)
 
 
 class MoE(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, native_cpu_gemv
 from .moe import Experts, MoE, Router, RoutingStats
 
 
@@ -37,8 +37,8 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         return self._ffn(h, stats)
 
-    def forward_absorbed(self, h, cos, sin, kv_cache, pe_cache, positions, mask):
-        h = h + self.self_attn.forward_absorbed(self.input_layernorm(h), cos, sin, kv_cache, pe_cache, positions, mask)
+    def forward_absorbed(self, h, cos, sin, cache, positions, mask, absorbed=None):
+        h = h + self.self_attn.forward_absorbed(self.input_layernorm(h), cos, sin, cache, positions, mask, absorbed)
         return self._ffn(h, None)
 
 
@@ -168,7 +168,7 @@ class DeepseekV3(nn.Module):
         emb = self.model.embed_tokens(input_ids)
         h = emb
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, stats, None if cache is None else (cache.kv[i], cache.pe[i]))
+            h = layer(h, cos, sin, mask, stats, None if cache is None else cache.latent[i])
         hidden = self.model.norm(h)
         out = ForwardOutput(logits=self.lm_head(hidden), hidden=hidden, routing=stats or [])
         if mtp:
@@ -186,22 +186,44 @@ class DeepseekV3(nn.Module):
 
     # ---- latent-cache decoding -----------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "LatentCache":
-        return LatentCache(self.config, batch, max_len, dtype or self.dtype, self.device)
+        """An empty latent cache for `forward_cached`, in `dtype` (default: the model's; fp32 on CPU).
+
+        The absorbed attention core runs in the cache's dtype, so the cache also holds each layer's W_UK / W_UV
+        in that dtype, taken from the current weights: make a new cache after changing them. On CPU fp32 is
+        the faster choice: at decode sizes fp32 BLAS runs these small batched products several times faster
+        than the bf16 path (whose fixed cost per call dominates), and the cached rows need no conversion at
+        each step. The values are the same: bf16 latents and weights are exact in fp32, and accumulation is
+        fp32 either way. It costs twice the cache memory and an fp32 copy of kv_b_proj per cache.
+        """
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        cache = LatentCache(self.config, batch, max_len, dtype, self.device)
+        with torch.no_grad():
+            cache.absorbed = [layer.self_attn.absorbed_weights(dtype) for layer in self.layers]
+        return cache
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
-                       return_hidden: bool = False):
+                       return_hidden: bool = False, max_position: int | None = None):
         """Run new tokens input_ids [B, S] at positions [B, S] through the absorbed path with the latent cache.
 
         Each query attends to cache slots <= its own position. Returns logits [B, S, V] (and the final hidden).
+        `max_position` = positions.max(), when the caller knows it, saves reading it back from the device.
         """
-        L = int(positions.max()) + 1
-        slots = torch.arange(L, device=positions.device)
-        mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        B, S = positions.shape
+        L = (int(positions.max()) if max_position is None else max_position) + 1
+        if S == 1 and (B == 1 or bool((positions == L - 1).all())):
+            mask: torch.Tensor | int = L  # every query sees all of slots 0..L-1: no mask to build or apply
+        else:
+            slots = torch.arange(L, device=positions.device)
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
         cos, sin = self._rope(positions)
-        h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer.forward_absorbed(h, cos, sin, cache.kv[i], cache.pe[i], positions, mask)
-        hidden = self.model.norm(h)
+        # one token: every matmul is a matrix-vector product; ATen's kernels beat oneDNN's for all but the head
+        with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
+            h = self.model.embed_tokens(input_ids)
+            for i, layer in enumerate(self.layers):
+                absorbed = cache.absorbed[i] if cache.absorbed else None
+                h = layer.forward_absorbed(h, cos, sin, cache.latent[i], positions, mask, absorbed)
+            hidden = self.model.norm(h)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
@@ -224,16 +246,23 @@ class DeepseekV3(nn.Module):
 
 
 class LatentCache:
-    """Per layer: norm(c_kv) [B, max_len, kv_lora_rank] and rotated k_pe [B, max_len, qk_rope_head_dim]."""
+    """Per layer one buffer latent[i] [B, max_len, kv_lora_rank + qk_rope_head_dim] = [norm(c_kv) | rotated k_pe].
+
+    Keeping both parts in one row lets decoding score a query against them in one matmul; kv[i] [B, max_len,
+    kv_lora_rank] and pe[i] [B, max_len, qk_rope_head_dim] are views of the two parts.
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        n = cfg.num_hidden_layers
+        n, r = cfg.num_hidden_layers, cfg.kv_lora_rank
         self.max_len = max_len
-        self.kv = [torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in range(n)]
-        self.pe = [torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n)]
+        self.latent = [torch.zeros(batch, max_len, r + cfg.qk_rope_head_dim, dtype=dtype, device=device)
+                       for _ in range(n)]
+        self.kv = [t[..., :r] for t in self.latent]
+        self.pe = [t[..., r:] for t in self.latent]
+        self.absorbed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (W_UK, W_UV^T) per layer: new_cache
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+        return sum(t.numel() * t.element_size() for t in self.latent)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
