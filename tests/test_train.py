@@ -26,6 +26,11 @@ def test_bias_update_direction_and_size():
         expect = 0.001 * torch.sign(c.mean() - c)  # underloaded up, overloaded down, by exactly gamma
         torch.testing.assert_close(delta, expect, atol=1e-9, rtol=0)
     assert all(not p.requires_grad for r in rs for p in r.buffers())
+    mtp_bias = rs[-1].e_score_correction_bias.clone()  # MTP off: its router got no load and stays put
+    update_biases(model, loads[:-1], gamma=0.001)
+    assert torch.equal(rs[-1].e_score_correction_bias, mtp_bias)
+    with pytest.raises(ValueError, match="routers"):
+        update_biases(model, loads + loads[:1], gamma=0.001)
     assert max_vio(torch.tensor([1.0, 1.0, 4.0, 2.0])) == pytest.approx((4 - 2) / 2)
 
 
@@ -125,3 +130,20 @@ def test_empty_dataset_and_vocab_mismatch(tmp_path):
     cfg.to_json(tmp_path / "config.json")
     with pytest.raises(TrainError, match="vocab"):
         Trainer(_args(tmp_path, config=str(tmp_path / "config.json"), tokenizer=str(tmp_path / "tok")))
+
+
+def test_answers_only_loss_masks_exactly_the_prompt():
+    from dsv3.data.math import format_example, format_prompt, generate_problems
+    from dsv3.data.packing import PackedStream, math_stream, split_loss_mask
+    from dsv3.data.tokenizer import train_math_tokenizer
+
+    tok = train_math_tokenizer(vocab_size=400, n_problems=500)
+    stream = PackedStream(math_stream(tok, seed=3, answers_only=True), seq_len=400, eos_id=tok.eos_id,
+                          bos_id=tok.bos_id)
+    tokens, trained = split_loss_mask(stream.next_batch(1))
+    p = generate_problems(1, seed=3)[0]
+    n_prompt = len(tok.encode(format_prompt(p.question)))
+    n_full = len(tok.encode(format_example(p)))
+    assert tokens[0, 1:1 + n_full].tolist() == tok.encode(format_example(p))  # after BOS
+    assert not trained[0, 1:1 + n_prompt].any() and trained[0, 1 + n_prompt:1 + n_full + 1].all()
+    assert trained[0, 0]  # BOS is an ordinary token

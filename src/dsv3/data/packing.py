@@ -15,32 +15,48 @@ from typing import Any
 
 import torch
 
-from .math import format_example, iter_problems
+from .math import format_example, format_prompt, iter_problems
 from .sources import DataError
 
 Document = Sequence[int]
 
 
 class MathStream:
-    """Token lists of ``format_example(problem) + EOS`` for ``iter_problems(seed, split, ...)``; seekable."""
+    """Token lists of ``format_example(problem) + EOS`` for ``iter_problems(seed, split, ...)``; seekable.
 
-    def __init__(self, tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None):
+    With ``answers_only``, the prompt's tokens are marked for no loss by storing them as ``-(id + 1)``;
+    `split_loss_mask` turns a packed batch back into (tokens, mask).
+    """
+
+    def __init__(self, tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None,
+                 answers_only: bool = False):
         self.tokenizer, self.seed, self.split = tokenizer, seed, split
-        self.steps, self.step_weights = steps, step_weights
+        self.steps, self.step_weights, self.answers_only = steps, step_weights, answers_only
         next(iter_problems(seed, split, steps, step_weights))  # validate the arguments now
 
     def iter_from(self, start: int) -> Iterator[list[int]]:
         eos = self.tokenizer.eos_id
         for problem in iter_problems(self.seed, self.split, self.steps, self.step_weights, start=start):
-            yield self.tokenizer.encode(format_example(problem)) + [eos]
+            ids = self.tokenizer.encode(format_example(problem)) + [eos]
+            if self.answers_only:  # the prompt's tokens are an exact prefix of the example's
+                n = len(self.tokenizer.encode(format_prompt(problem.question)))
+                ids[:n] = [-t - 1 for t in ids[:n]]
+            yield ids
 
     def __iter__(self) -> Iterator[list[int]]:
         return self.iter_from(0)
 
 
-def math_stream(tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None) -> MathStream:
+def math_stream(tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None,
+                answers_only: bool = False) -> MathStream:
     """The built-in math corpus as an endless, seekable stream of token lists (each ends with EOS)."""
-    return MathStream(tokenizer, seed, step_weights, split, steps)
+    return MathStream(tokenizer, seed, step_weights, split, steps, answers_only)
+
+
+def split_loss_mask(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, True where the token is trained on) from a batch that may hold ``-(id + 1)`` markers."""
+    masked = batch < 0
+    return torch.where(masked, -batch - 1, batch), ~masked
 
 
 class PackedStream:

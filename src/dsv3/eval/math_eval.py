@@ -10,10 +10,17 @@ from ..model.transformer import cross_entropy
 
 @torch.no_grad()
 def heldout_loss(model, batches: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy of the main head over fixed held-out batches [B, T+1]."""
+    """Mean next-token cross-entropy of the main head over fixed held-out batches [B, T+1] (on the trained
+    tokens only when the batches mark prompts with -(id + 1))."""
     if not batches:
         return float("nan")
-    losses = [cross_entropy(model(b[:, :-1]), b[:, 1:]).item() for b in batches]
+    from ..data.packing import split_loss_mask
+
+    losses = []
+    for b in batches:
+        tokens, trained = split_loss_mask(b)  # answers-only batches carry their loss mask
+        labels = tokens[:, 1:].masked_fill(~trained[:, 1:], -100)
+        losses.append(cross_entropy(model(tokens[:, :-1]), labels).item())
     return sum(losses) / len(losses)
 
 

@@ -17,11 +17,12 @@ def update_biases(model: torch.nn.Module, loads: list[torch.Tensor], gamma: floa
     """b_i += gamma * sign(mean(c) - c_i) per router, from that step's whole-batch load c (tokens per expert).
 
     Overloaded experts get less likely to be chosen, underloaded ones more; the weights of chosen experts
-    never see the bias. `loads` follows `routers(model)` order.
+    never see the bias. `loads` follows `routers(model)` order (main layers, then MTP layers).
     """
     rs = routers(model)
-    if len(rs) != len(loads):
+    if len(loads) > len(rs):
         raise ValueError(f"got loads for {len(loads)} routers, the model has {len(rs)}")
+    # Fewer loads than routers: the MTP layers (last in order) did not run this step; their biases stay.
     if gamma == 0:
         return
     for r, c in zip(rs, loads):

@@ -50,6 +50,8 @@ def _add_train(sub) -> None:
     p.add_argument("--data", nargs="+", default=[], help="text/JSONL files or hf:NAME[:split] (default: built-in math)")
     p.add_argument("--step-weights", type=float, nargs=4, default=None,
                    help="built-in corpus mix of 1..4-step problems")
+    p.add_argument("--loss-on", choices=["all", "answers"], default="all",
+                   help="built-in corpus: train on every token, or only on the worked solutions (SFT-style)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", action="store_true")

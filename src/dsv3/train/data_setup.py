@@ -55,8 +55,9 @@ def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None) -> Tra
     kw = dict(seq_len=args.seq_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
     if docs is None:
         weights = args.step_weights
-        train = PackedStream(math_stream(tok, seed=args.seed, step_weights=weights), **kw)
-        held = PackedStream(math_stream(tok, seed=args.seed, split="test"), **kw)
+        answers_only = args.loss_on == "answers"
+        train = PackedStream(math_stream(tok, seed=args.seed, step_weights=weights, answers_only=answers_only), **kw)
+        held = PackedStream(math_stream(tok, seed=args.seed, split="test", answers_only=answers_only), **kw)
         problems = generate_problems(args.eval_problems, seed=args.seed, split="test") if args.eval_problems else None
     else:
         encoded = [tok.encode(d) for d in docs]

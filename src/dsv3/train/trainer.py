@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..data.packing import split_loss_mask
 from ..model import DeepseekV3
 from ..model.transformer import cross_entropy
 from .balance import max_vio, update_biases
@@ -61,6 +62,7 @@ class TrainArgs:
     resume: bool = False
     max_bad_steps: int = 5
     step_weights: list[float] | None = None  # built-in corpus mix over 1..4-step problems
+    loss_on: str = "all"  # "answers": built-in corpus only, no loss on the question tokens (SFT-style)
     tensorboard: bool = False
     wandb: bool = False
     progress: bool = True
@@ -84,6 +86,8 @@ class TrainArgs:
         need(self.balance_alpha >= 0 and self.bias_gamma >= 0 and self.mtp_lambda >= 0,
              "--balance-alpha, --bias-gamma and --mtp-lambda must be >= 0")
         need(self.dtype in ("bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got {self.dtype}")
+        need(self.loss_on in ("all", "answers"), f"--loss-on must be 'all' or 'answers', got {self.loss_on!r}")
+        need(self.loss_on == "all" or not self.data, "--loss-on answers applies to the built-in math corpus only")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be >= 1")
         need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive")
         for p in self.data:
@@ -118,6 +122,7 @@ class Trainer:
     def __init__(self, args: TrainArgs):
         from .data_setup import build_data  # data pipeline (tokenizer, streams) lives beside the loop
 
+        self.started = time.time()  # --max-minutes counts from here: set-up and evaluation included
         args.validate()
         self.args = args
         self.out = Path(args.out)
@@ -156,7 +161,8 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _losses(self, batch: torch.Tensor, mtp_lambda: float):
-        inputs, labels = batch[:, :-1], batch[:, 1:]
+        tokens, trained = split_loss_mask(batch)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:].masked_fill(~trained[:, 1:], -100)
         ctx = (torch.autocast("cpu", dtype=self.autocast_dtype) if self.autocast_dtype
                else torch.autocast("cpu", enabled=False))
         with ctx:
@@ -276,7 +282,7 @@ class Trainer:
 
         a = self.args
         end = min(a.max_steps, a.stop_at) if a.stop_at else a.max_steps
-        deadline = time.time() + 60 * a.max_minutes if a.max_minutes else None
+        deadline = self.started + 60 * a.max_minutes if a.max_minutes else None
         bad = 0
         interrupted = False
         last_rec: dict = {}
