@@ -193,14 +193,7 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
+        d = read_config_dict(path)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -222,6 +215,19 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls.from_dict(PRESETS[name])
+
+
+def read_config_dict(path: Path) -> dict:
+    """The JSON object in a config file, with clear errors for a missing file, bad JSON or a non-object."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return d
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
+from ..config import read_config_dict
 from .hf import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -27,16 +27,6 @@ from .hf import (
     checkpoint_dir,
     weight_block_size,
 )
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return cfg
 
 
 def convert_fp8_to_bf16(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, progress: bool = True) -> Path:
@@ -50,7 +40,7 @@ def convert_fp8_to_bf16(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, 
         raise CheckpointError(f"convert_fp8_to_bf16 needs a different output directory than its input ({src})")
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"output {dst} exists and is not a directory")
-    cfg = _read_config(src / CONFIG_NAME)
+    cfg = read_config_dict(src / CONFIG_NAME)
     ckpt = SafetensorsDir(src, block=weight_block_size(cfg.get("quantization_config")))
     ckpt.check_fp8()  # fail before writing anything
     dst.mkdir(parents=True, exist_ok=True)

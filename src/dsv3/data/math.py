@@ -17,7 +17,6 @@ index in O(1) (``iter_problems(..., start=i)``).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -449,24 +448,16 @@ def parse_gsm8k(question: str, answer: str, where: str = "GSM8K record") -> Math
 
 def load_gsm8k_jsonl(path: str | Path) -> list[MathProblem]:
     """Problems from a GSM8K-format JSONL file (one ``{"question": ..., "answer": "... #### N"}`` a line)."""
-    from .sources import DataError
+    from .sources import DataError, iter_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected GSM8K-format JSONL)")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                raise DataError(f"{where}: a GSM8K record needs 'question' and 'answer' fields")
-            problems.append(parse_gsm8k(rec["question"], rec["answer"], where))
+    for where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+            raise DataError(f"{where}: a GSM8K record needs 'question' and 'answer' fields")
+        problems.append(parse_gsm8k(rec["question"], rec["answer"], where))
     if not problems:
         raise DataError(f"{path}: no problems in the file")
     return problems

@@ -55,18 +55,20 @@ def _read_jsonl(path: Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         return [record_to_text(rec, f"{path}[{i}]") for i, rec in enumerate(records)]
-    docs = []
+    return [record_to_text(rec, where) for where, rec in iter_jsonl(path)]
+
+
+def iter_jsonl(path: Path):
+    """(``file:line``, record) for each non-blank line of a JSONL file; bad JSON names the line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg}); expected one JSON object per line") from None
-            docs.append(record_to_text(rec, where))
-    return docs
 
 
 def _load_hf(spec: str) -> list[str]:
