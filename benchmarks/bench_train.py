@@ -1,0 +1,88 @@
+"""Training throughput of dsv3 against `transformers`' DeepseekV3ForCausalLM: same config, weights and batch,
+fp32 master weights, bf16 autocast (or --dtype float32), forward + backward + AdamW step, on this CPU.
+
+Both models train the main next-token loss only (transformers has no MTP), so dsv3 runs `mtp=False`.
+MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
+matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step.
+
+Usage: python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--repeats 3] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_inference import build_models, loadavg  # noqa: E402
+
+from dsv3 import ModelConfig  # noqa: E402
+from dsv3.model.transformer import cross_entropy  # noqa: E402
+from dsv3.train.trainer import _matmul_peak_flops, flops_per_token  # noqa: E402
+
+
+def step_time(loss_fn, model, batch, autocast: bool, repeats: int) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = ap.parse_args()
+    cfg = ModelConfig.preset(args.preset)
+    ours, hf = build_models(cfg, seed=0)
+    ours.train()
+    hf.train()
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
+    autocast = args.dtype == "bfloat16"
+    before = loadavg()
+
+    def ours_loss(b):
+        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False).logits, b[:, 1:])
+
+    def hf_loss(b):
+        return cross_entropy(hf(b[:, :-1]).logits, b[:, 1:])
+
+    t_ours = statistics.median(step_time(ours_loss, ours, batch, autocast, args.repeats))
+    t_hf = statistics.median(step_time(hf_loss, hf, batch, autocast, args.repeats))
+    tokens = args.batch * args.seq
+    peak = _matmul_peak_flops(torch.bfloat16 if autocast else torch.float32)
+    fpt = flops_per_token(cfg, args.seq)
+    res = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+           "dsv3_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf, "ratio": t_hf / t_ours,
+           "dsv3_mfu": tokens * fpt / t_ours / peak, "hf_mfu": tokens * fpt / t_hf / peak,
+           "matmul_peak_tflops": peak / 1e12, "loadavg_before": before, "loadavg_after": loadavg(),
+           "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(f"| {args.preset} train step, {args.dtype}, {args.batch}x{args.seq} | tokens/s | MFU |\n|---|---:|---:|")
+    print(f"| dsv3 | {res['dsv3_tok_s']:.0f} | {res['dsv3_mfu']:.1%} |")
+    print(f"| transformers | {res['hf_tok_s']:.0f} | {res['hf_mfu']:.1%} |")
+    print(f"dsv3 / transformers: {res['ratio']:.2f}x; measured matmul peak {res['matmul_peak_tflops']:.2f} TFLOP/s; "
+          f"load {before} -> {res['loadavg_after']}")
+    out = Path(__file__).parent / "results" / "train.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
