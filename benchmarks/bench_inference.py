@@ -56,25 +56,15 @@ def loadavg() -> str:
 def build_models(cfg: ModelConfig, seed: int):
     """fp32 dsv3 model with random weights (std initializer_range, small random router correction bias) and
     transformers' DeepseekV3ForCausalLM holding the same weights (MTP layers are dsv3's own)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from dsv3.checkpoint.adapter import to_transformers
 
     torch.manual_seed(seed)
-    model = DeepseekV3(cfg)  # random init, std = initializer_range
+    model = DeepseekV3(cfg).float()  # random init, std = initializer_range
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.01 * torch.randn_like(b))
-    d = cfg.to_dict()
-    d["num_key_value_heads"] = d["num_attention_heads"]
-    hf_cfg = DeepseekV3Config(**{k: v for k, v in d.items() if k not in ("architectures", "extra")})
-    hf = DeepseekV3ForCausalLM(hf_cfg)
-    n = cfg.num_hidden_layers
-    ours = {k: v for k, v in model.state_dict().items()
-            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
-    missing, unexpected = hf.load_state_dict(ours, strict=False)
-    assert not unexpected, unexpected
-    assert all("rotary" in k for k in missing), missing
-    return model.float().eval(), hf.float().eval()
+    return model.eval(), to_transformers(model)
 
 
 def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

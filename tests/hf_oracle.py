@@ -34,18 +34,6 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV3:
 
 def hf_model(model: DeepseekV3):
     """transformers' DeepseekV3ForCausalLM with the same config and weights (fp32, eager attention)."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from dsv3.checkpoint.adapter import to_transformers
 
-    d = model.config.to_dict()
-    d["num_key_value_heads"] = d["num_attention_heads"]
-    hf_cfg = DeepseekV3Config(**{k: v for k, v in d.items() if k not in ("architectures", "extra")})
-    hf_cfg._attn_implementation = "eager"
-    hf = DeepseekV3ForCausalLM(hf_cfg).float().eval()
-    # The in-memory transformers layout equals dsv3's (stacked experts); MTP layers are not part of it.
-    n = model.config.num_hidden_layers
-    ours = {k: v for k, v in model.state_dict().items()
-            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
-    missing, unexpected = hf.load_state_dict(ours, strict=False)
-    assert not unexpected, unexpected
-    assert all("rotary" in k for k in missing), missing
-    return hf
+    return to_transformers(model.float(), attn_implementation="eager")

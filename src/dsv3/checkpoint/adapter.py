@@ -78,3 +78,26 @@ def from_hf_tensor(key: str, shape: torch.Size, get) -> torch.Tensor:
 def from_hf(hf: dict[str, torch.Tensor], model_state_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Hugging Face tensors (in memory) -> dsv3 state dict for a model whose state has these shapes."""
     return {k: from_hf_tensor(k, s, hf.__getitem__) for k, s in model_state_shapes.items()}
+
+
+def to_transformers(model, attn_implementation: str | None = None):
+    """transformers' DeepseekV3ForCausalLM holding the same config and weights, in memory.
+
+    Its in-memory layout equals dsv3's (stacked experts), so no renaming is needed; it has no MTP layers.
+    Used as the oracle in the tests and as the peer in the benchmarks.
+    """
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    d = model.config.to_dict()
+    d["num_key_value_heads"] = d["num_attention_heads"]  # transformers repeats K/V otherwise
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in d.items() if k != "architectures"})
+    if attn_implementation:
+        hf_cfg._attn_implementation = attn_implementation
+    hf = DeepseekV3ForCausalLM(hf_cfg)
+    n = model.config.num_hidden_layers
+    ours = {k: v for k, v in model.state_dict().items()
+            if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
+    missing, unexpected = hf.load_state_dict(ours, strict=False)
+    if unexpected or any("rotary" not in k for k in missing):
+        raise RuntimeError(f"transformers layout mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.to(model.dtype).eval()

@@ -142,9 +142,6 @@ class DeepseekV3(nn.Module):
         return self.lm_head.weight.dtype
 
     # ---- forward --------------------------------------------------------------------------------------
-    def _rope(self, positions: torch.Tensor):
-        return self.rotary(positions)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: "LatentCache | None" = None) -> torch.Tensor:
         """Logits [B, T, V]. attention_mask [B, T] (1 = token, 0 = right padding) is optional; with a
@@ -158,7 +155,7 @@ class DeepseekV3(nn.Module):
     def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None) -> ForwardOutput:
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None]
-        cos, sin = self._rope(positions)
+        cos, sin = self.rotary(positions)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
@@ -216,7 +213,7 @@ class DeepseekV3(nn.Module):
         else:
             slots = torch.arange(L, device=positions.device)
             mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
-        cos, sin = self._rope(positions)
+        cos, sin = self.rotary(positions)
         # one token: every matmul is a matrix-vector product; ATen's kernels beat oneDNN's for all but the head
         with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
             h = self.model.embed_tokens(input_ids)
