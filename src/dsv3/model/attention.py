@@ -49,18 +49,31 @@ class MLA(nn.Module):
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
+    def store_latent(self, x, cos, sin, cache, positions: torch.Tensor) -> None:
+        """Only store the latents of x [B, S, H] at `positions` [B, S] (no attention): what a layer whose
+        outputs are not needed contributes to later decoding (the MTP module over a prefix)."""
+        c_kv, k_pe = self.latent(x, cos, sin)
+        new = torch.cat((c_kv, k_pe), dim=-1).to(cache.dtype)
+        if isinstance(cache, torch.Tensor):
+            cache.index_put_((torch.arange(x.shape[0], device=x.device)[:, None], positions), new)
+        else:
+            cache.write(new)
+
     def forward(self, x, cos, sin, mask: torch.Tensor | None = None, cache: torch.Tensor | None = None):
         """Full attention over x [B, T, H]; causal, or `mask` [B, 1, T, T] (True = may attend).
 
         With a latent cache buffer [B, L, rank + rope] (`LatentCache.latent[i]`), the latents of positions
-        0..T-1 are stored in it for later decoding.
+        0..T-1 are stored in it for later decoding; a paged cache layer (`dsv3.infer.cache.PagedLayer`)
+        stores them in its blocks instead.
         """
         B, T, _ = x.shape
         q_nope, q_pe = self._queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        if cache is not None:
+        if isinstance(cache, torch.Tensor):
             cache[:, :T, : self.rank] = c_kv
             cache[:, :T, self.rank:] = k_pe
+        elif cache is not None:
+            cache.write(torch.cat((c_kv, k_pe), dim=-1))
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, qk]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
@@ -99,6 +112,8 @@ class MLA(nn.Module):
         Keys and values are never expanded: W_UK is folded into the query, which is scored against the latent
         rows directly, and W_UV is applied after attention. The attention core runs in the cache's dtype;
         `absorbed` = (W_UK, W_UV^T) in that dtype, as absorbed_weights(cache.dtype) makes them.
+        `cache` may also be a paged cache layer (`dsv3.infer.cache.PagedLayer`): `cache.update(new)` stores
+        the new rows in their blocks and returns the first L positions of each sequence, [B, L, rank + rope].
         """
         B, S, _ = x.shape
         nh, r, rope = self.n_heads, self.rank, self.rope
@@ -110,13 +125,18 @@ class MLA(nn.Module):
         new = torch.cat((self.kv_a_layernorm(c_kv), pe[:, :, nh]), dim=-1).to(cache.dtype)  # [B, S, rank + rope]
         if isinstance(mask, int):
             L, mask = mask, None
-            cache[:, L - 1: L] = new
         else:
             L = mask.shape[-1]
+        if not isinstance(cache, torch.Tensor):
+            kv = cache.update(new)  # paged: [B, L, rank + rope]
+        elif mask is None:
+            cache[:, L - 1: L] = new
+            kv = cache[:, :L]  # [B, L, rank + rope]
+        else:
             cache.index_put_((torch.arange(B, device=x.device)[:, None], positions), new)
+            kv = cache[:, :L]
         ct = cache.dtype  # compute dtype of the attention core
         w_uk, w_uv_t = absorbed if absorbed is not None else (w.to(ct) for w in self.absorbed_weights())
-        kv = cache[:, :L]  # [B, L, rank + rope]
         q_lat = torch.bmm(q_nope.reshape(B * S, nh, self.nope).transpose(0, 1).to(ct), w_uk)  # [nh, B*S, rank]
         q_abs = torch.cat((q_lat.transpose(0, 1), pe[:, :, :nh].reshape(B * S, nh, rope).to(ct)), dim=-1)
         scores = torch.bmm(q_abs.view(B, S * nh, r + rope), kv.transpose(1, 2))  # [B, S*nh, L], rows (s, h)

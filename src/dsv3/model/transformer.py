@@ -125,13 +125,14 @@ class DeepseekV3(nn.Module):
                 m.e_score_correction_bias.zero_()
         self.rotary.reset_parameters()
 
+    # Plain lists: slicing the ModuleList would build a new ModuleList on every call (every decoding step).
     @property
     def layers(self) -> list[DecoderLayer]:
-        return list(self.model.layers[: self.config.num_hidden_layers])
+        return list(self.model.layers)[: self.config.num_hidden_layers]
 
     @property
     def mtp(self) -> list[MTPLayer]:
-        return list(self.model.layers[self.config.num_hidden_layers:])
+        return list(self.model.layers)[self.config.num_hidden_layers:]
 
     @property
     def device(self) -> torch.device:
@@ -152,15 +153,20 @@ class DeepseekV3(nn.Module):
         """Main logits, MTP logits per depth (position i of depth k predicts token i+k+1) and routing stats."""
         return self._forward(input_ids, None, with_stats=True, mtp=mtp)
 
+    @staticmethod
+    def _padding_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """[B, 1, T, T] causal mask over right-padded rows (True = may attend), or None when nothing is padded."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+        mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
+        return mask | torch.eye(T, dtype=torch.bool, device=mask.device)  # padded rows stay finite
+
     def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None) -> ForwardOutput:
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rotary(positions)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
-            mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)  # padded rows stay finite
+        mask = self._padding_mask(attention_mask, T)
         stats: list[RoutingStats] | None = [] if with_stats else None
         emb = self.model.embed_tokens(input_ids)
         h = emb
@@ -181,8 +187,32 @@ class DeepseekV3(nn.Module):
                 out.mtp_routing.extend(mstats)
         return out
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                mtp: bool = False) -> torch.Tensor:
+        """Full-path prefill of right-padded prompts input_ids [B, T] (attention_mask [B, T], 1 = token):
+        stores the latents of every position in `cache` and returns the final hidden [B, T, H] without
+        applying the head (the caller picks the rows it needs logits for).
+
+        With `mtp`, the first MTP module's latents are stored too (in cache.latent[num_hidden_layers]), for
+        positions 0..T-2: its input at position i combines the main hidden at i with the embedding of token
+        i+1. Only its latents are needed for later drafting, so the rest of the module is not run.
+        """
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)[None]
+        cos, sin = self.rotary(positions)
+        mask = self._padding_mask(attention_mask, T)
+        emb = self.model.embed_tokens(input_ids)
+        h = emb
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None, cache.latent[i])
+        hidden = self.model.norm(h)
+        if mtp and T > 1:
+            self.store_mtp_latents(input_ids[:, 1:], hidden[:, :-1], positions[:, :-1].expand(B, -1), cache)
+        return hidden
+
     # ---- latent-cache decoding -----------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "LatentCache":
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  mtp: bool = False) -> "LatentCache":
         """An empty latent cache for `forward_cached`, in `dtype` (default: the model's; fp32 on CPU).
 
         The absorbed attention core runs in the cache's dtype, so the cache also holds each layer's W_UK / W_UV
@@ -191,13 +221,27 @@ class DeepseekV3(nn.Module):
         than the bf16 path (whose fixed cost per call dominates), and the cached rows need no conversion at
         each step. The values are the same: bf16 latents and weights are exact in fp32, and accumulation is
         fp32 either way. It costs twice the cache memory and an fp32 copy of kv_b_proj per cache.
+        With `mtp`, the cache has one more layer per MTP module (after the main layers), for drafting.
         """
         if dtype is None:
             dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        cache = LatentCache(self.config, batch, max_len, dtype, self.device)
+        layers = self.layers + (self.mtp if mtp else [])
+        cache = LatentCache(self.config, batch, max_len, dtype, self.device, len(layers) - len(self.layers))
         with torch.no_grad():
-            cache.absorbed = [layer.self_attn.absorbed_weights(dtype) for layer in self.layers]
+            cache.absorbed = [layer.self_attn.absorbed_weights(dtype) for layer in layers]
         return cache
+
+    def _cached_inputs(self, positions: torch.Tensor, max_position: int | None):
+        """The attention mask (or the int L when none is needed) and cos/sin for new tokens at positions."""
+        B, S = positions.shape
+        L = (int(positions.max()) if max_position is None else max_position) + 1
+        if S == 1 and (B == 1 or bool((positions == L - 1).all())):
+            mask: torch.Tensor | int = L  # every query sees all of slots 0..L-1: no mask to build or apply
+        else:
+            slots = torch.arange(L, device=positions.device)
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        cos, sin = self.rotary(positions)
+        return mask, cos, sin
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
                        return_hidden: bool = False, max_position: int | None = None):
@@ -207,13 +251,7 @@ class DeepseekV3(nn.Module):
         `max_position` = positions.max(), when the caller knows it, saves reading it back from the device.
         """
         B, S = positions.shape
-        L = (int(positions.max()) if max_position is None else max_position) + 1
-        if S == 1 and (B == 1 or bool((positions == L - 1).all())):
-            mask: torch.Tensor | int = L  # every query sees all of slots 0..L-1: no mask to build or apply
-        else:
-            slots = torch.arange(L, device=positions.device)
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
-        cos, sin = self.rotary(positions)
+        mask, cos, sin = self._cached_inputs(positions, max_position)
         # one token: every matmul is a matrix-vector product; ATen's kernels beat oneDNN's for all but the head
         with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
             h = self.model.embed_tokens(input_ids)
@@ -223,6 +261,36 @@ class DeepseekV3(nn.Module):
             hidden = self.model.norm(h)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    def forward_mtp_cached(self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
+                           depth: int = 0, max_position: int | None = None):
+        """One MTP module over new positions with its own latent cache layer, for drafting.
+
+        positions [B, S]; prev [B, S, H]: the hidden the module combines at each position (the main model's
+        final hidden there, or this module's own output when re-applied); input_ids [B, S]: the token one
+        ahead of each position. Attends to the module's cache slots <= each position (cache.latent[
+        num_hidden_layers + depth]). Returns logits [B, S, V] for the token two ahead and the module's
+        hidden after shared_head.norm [B, S, H].
+        """
+        B, S = positions.shape
+        mask, cos, sin = self._cached_inputs(positions, max_position)
+        idx = self.config.num_hidden_layers + depth
+        layer = self.model.layers[idx]
+        absorbed = cache.absorbed[idx] if cache.absorbed else None
+        with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
+            x = layer.combine(self.model.embed_tokens(input_ids), prev)
+            x = layer.forward_absorbed(x, cos, sin, cache.latent[idx], positions, mask, absorbed)
+            hidden = layer.shared_head.norm(x)
+        return self.lm_head(hidden), hidden
+
+    def store_mtp_latents(self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
+                          depth: int = 0) -> None:
+        """Store only the MTP module's latents at positions [B, S] (inputs as in forward_mtp_cached)."""
+        idx = self.config.num_hidden_layers + depth
+        layer = self.model.layers[idx]
+        cos, sin = self.rotary(positions)
+        x = layer.input_layernorm(layer.combine(self.model.embed_tokens(input_ids), prev))
+        layer.self_attn.store_latent(x, cos, sin, cache.latent[idx], positions)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     @classmethod
@@ -243,14 +311,15 @@ class DeepseekV3(nn.Module):
 
 
 class LatentCache:
-    """Per layer one buffer latent[i] [B, max_len, kv_lora_rank + qk_rope_head_dim] = [norm(c_kv) | rotated k_pe].
+    """Per layer one buffer latent[i] [B, max_len, kv_lora_rank + qk_rope_head_dim] = [norm(c_kv) | rotated k_pe]
+    (the main layers, then `mtp_layers` MTP modules).
 
     Keeping both parts in one row lets decoding score a query against them in one matmul; kv[i] [B, max_len,
     kv_lora_rank] and pe[i] [B, max_len, qk_rope_head_dim] are views of the two parts.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        n, r = cfg.num_hidden_layers, cfg.kv_lora_rank
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device, mtp_layers: int = 0):
+        n, r = cfg.num_hidden_layers + mtp_layers, cfg.kv_lora_rank
         self.max_len = max_len
         self.latent = [torch.zeros(batch, max_len, r + cfg.qk_rope_head_dim, dtype=dtype, device=device)
                        for _ in range(n)]
