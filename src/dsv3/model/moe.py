@@ -64,6 +64,27 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
+def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of rows sorted by expert: xs [M, H], counts [E] rows per expert (sum M), gate_up [E, 2I, H],
+    down [E, H, I] -> [M, H]. One grouped GEMM per projection; shared with the expert-parallel wrapper."""
+    if torch.is_autocast_enabled(xs.device.type):
+        dt = torch.get_autocast_dtype(xs.device.type)
+        xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
+    if _grouped_mm_ok(xs):
+        offs = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
+    out = torch.empty_like(xs)  # fallback: one matmul per expert that received tokens
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            g, u = F.linear(xs[start:start + c], gate_up[e]).chunk(2, dim=-1)
+            out[start:start + c] = F.linear(F.silu(g) * u, down[e])
+        start += c
+    return out
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked ([E, out, in], nn.Linear orientation) for grouped GEMMs.
 
@@ -85,24 +106,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # token slots sorted by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.n)
-        xs = x[token]  # [N*k, H]
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
-        if _grouped_mm_ok(xs):
-            offs = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
-            g, u = h.chunk(2, dim=-1)
-            out = torch._grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
-        else:  # fallback: one matmul per expert that received tokens
-            out = torch.empty_like(xs)
-            start = 0
-            for e, c in enumerate(counts.tolist()):
-                if c:
-                    g, u = F.linear(xs[start:start + c], gate_up[e]).chunk(2, dim=-1)
-                    out[start:start + c] = F.linear(F.silu(g) * u, down[e])
-                start += c
+        out = expert_ffn(x[token], counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 
 from .trainer import TrainArgs, TrainError
@@ -19,8 +21,8 @@ def _add_train(sub) -> None:
         "init_from": (str, "start from this checkpoint's weights (continued training)"),
         "tokenizer": (str, "an existing Hugging Face tokenizer directory"),
         "seq_len": (int, "tokens per training sequence"),
-        "batch_size": (int, "global batch in sequences"),
-        "micro_batch_size": (int, "sequences per forward (gradient accumulation)"),
+        "batch_size": (int, "global batch in sequences (all processes together)"),
+        "micro_batch_size": (int, "sequences per forward, all processes together (gradient accumulation)"),
         "max_steps": (int, "optimizer steps the schedule is planned for"),
         "max_minutes": (float, "wall-clock budget including evaluation"),
         "stop_at": (int, "stop after this step with a checkpoint (resume later with --resume)"),
@@ -43,6 +45,9 @@ def _add_train(sub) -> None:
         "save_every": (int, "checkpoint every N steps"),
         "keep_last": (int, "checkpoints to keep"),
         "max_bad_steps": (int, "non-finite steps in a row before stopping"),
+        "ep": (int, "expert parallelism: processes that split each MoE layer's routed experts (divides the "
+                    "process count)"),
+        "dist_timeout": (float, "seconds a collective waits for a peer before the job fails"),
     }
     for name, (typ, hlp) in flags.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=getattr(defaults, name),
@@ -56,23 +61,70 @@ def _add_train(sub) -> None:
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run on N processes of this machine (re-launches itself through torch.distributed.run; "
+                        "for several machines use torchrun directly, see the README)")
+    p.set_defaults(func=cmd_train, _parser=p)
+
+
+def train_argv(args) -> list[str]:
+    """The command line that parses back to `args` (train flags only, without --nproc)."""
+    argv: list[str] = []
+    for action in args._parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc"):
+            continue
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if value == action.default:
+            continue
+        if action.nargs == 0:  # store_true / store_false
+            argv += [flag] if value == action.const else []
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _launch(args) -> int:
+    """`dsv3 train --nproc N ...` = `python -m torch.distributed.run --standalone --nproc_per_node N -m dsv3 train
+    ...`: torchrun starts the workers, and ends them all when one fails."""
+    if args.nproc < 1:
+        print(f"dsv3 train: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "dsv3", "train", *train_argv(args)]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C; let torchrun shut them down
+        return proc.wait()
 
 
 def cmd_train(args) -> int:
     from .trainer import train
 
+    if args.nproc is not None:
+        return _launch(args)
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     targs = TrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(train)  # torchrun's failure summary then shows this rank's traceback
+    where = f" (rank {rank})" if distributed else ""
     try:
         res = train(targs)
     except TrainError as e:
-        print(f"dsv3 train: error: {e}", file=sys.stderr)
+        print(f"dsv3 train: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dsv3 train: interrupted; checkpoint saved, continue with --resume", file=sys.stderr)
+        saved = "resume from the last checkpoint" if distributed else "checkpoint saved, continue"
+        print(f"dsv3 train: interrupted; {saved} with --resume", file=sys.stderr)
         return 130
-    print(json.dumps(res))
+    if rank == 0:
+        print(json.dumps(res))
     return 0
 
 

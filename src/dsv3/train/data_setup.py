@@ -36,7 +36,10 @@ def _error(msg: str) -> Exception:
     return TrainError(msg)
 
 
-def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None) -> TrainData:
+def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None, rank: int = 0,
+               world_size: int = 1) -> TrainData:
+    """Several processes: each reads its `rank`-th slice of every global batch from the training stream (whose
+    position is global, so it resumes in any process count); held-out data is read whole (rank 0 evaluates)."""
     try:
         docs = load_documents(args.data) if args.data else None
     except DataError as e:
@@ -53,10 +56,12 @@ def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None) -> Tra
         raise _error(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
                      "use a config with a larger vocab_size or a smaller tokenizer")
     kw = dict(seq_len=args.seq_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+    shard = dict(rank=rank, world_size=world_size)
     if docs is None:
         weights = args.step_weights
         answers_only = args.loss_on == "answers"
-        train = PackedStream(math_stream(tok, seed=args.seed, step_weights=weights, answers_only=answers_only), **kw)
+        train = PackedStream(math_stream(tok, seed=args.seed, step_weights=weights, answers_only=answers_only),
+                             **kw, **shard)
         held = PackedStream(math_stream(tok, seed=args.seed, split="test", answers_only=answers_only), **kw)
         problems = generate_problems(args.eval_problems, seed=args.seed, split="test") if args.eval_problems else None
     else:
@@ -64,7 +69,7 @@ def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None) -> Tra
         n_held = min(len(encoded) // 20, 200)  # 5% (at most 200 documents) held out for the eval loss
         if len(encoded) - n_held < 1:
             raise _error("the training data has no documents left after holding out an evaluation set")
-        train = PackedStream(encoded[n_held:], shuffle_seed=args.seed, **kw)
+        train = PackedStream(encoded[n_held:], shuffle_seed=args.seed, **kw, **shard)
         held = PackedStream(encoded[:n_held] or encoded[:1], **kw)
         problems = None
     heldout = [held.next_batch(HELDOUT_BATCH_SIZE) for _ in range(HELDOUT_BATCHES)]

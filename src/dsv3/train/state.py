@@ -3,6 +3,8 @@
     RUN/checkpoints/step-000200/   config.json, model.safetensors, tokenizer files (loads anywhere)
                                    optimizer.safetensors   AdamW moments (fp32), flattened by parameter index
                                    trainer_state.json      step, RNG states, data position, schedule, args
+Runs of several processes write the sharded layout of dsv3.checkpoint.dcp instead; `load_training_state` reads
+either, so a run can resume with a different number of processes.
 The router correction biases are buffers in model.safetensors. The run directory itself always holds a copy
 of the latest model files, so any command taking --checkpoint accepts a run directory.
 """
@@ -53,7 +55,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _optimizer_state(tensors: dict, meta: dict) -> dict[int, dict[str, torch.Tensor]]:
     state: dict = {}
     for key, v in tensors.items():
         idx, k = key.split(".", 1)
@@ -61,7 +63,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     for key, v in meta["scalars"].items():
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = torch.tensor(v, dtype=torch.float32)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return state
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    opt.load_state_dict({"state": _optimizer_state(tensors, meta), "param_groups": meta["param_groups"]})
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, tokenizer, trainer_state: dict,
@@ -97,8 +103,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_training_state(ckpt: Path, optimizer) -> dict:
+def load_training_state(ckpt: Path, optimizer, model=None) -> dict:
+    """Restore the optimizer and RNG from a checkpoint; returns the trainer state (step, data position, args).
+
+    Reads both layouts whatever the process count now: this module's (one process) and the sharded DCP one
+    (dsv3.checkpoint.dcp, written by several processes; also restores the model's weights). `model` is needed
+    for DCP checkpoints and for sharded (multi-process) models.
+    """
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    _load_optimizer(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer"))
+    if state.get("format") == "dcp":
+        from ..checkpoint.dcp import load_dcp
+
+        load_dcp(ckpt, model, optimizer)
+    else:
+        from torch.distributed.tensor import DTensor
+
+        tensors, meta = load_file(str(ckpt / "optimizer.safetensors")), state.pop("optimizer")
+        if model is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+            from ..checkpoint.dcp import load_full_optimizer
+
+            load_full_optimizer(model, optimizer, _optimizer_state(tensors, meta))
+        else:
+            _load_optimizer(optimizer, tensors, meta)
     set_rng_state(state.pop("rng"))
     return state

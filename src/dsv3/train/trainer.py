@@ -1,5 +1,12 @@
 """The training loop: next-token CE + MTP + sequence-wise balance loss, auxiliary-loss-free bias updates,
-AdamW with warm-up/constant/cosine, bf16 autocast over fp32 master weights, checkpoints and resume."""
+AdamW with warm-up/constant/cosine, bf16 autocast over fp32 master weights, checkpoints and resume.
+
+Started by torchrun (WORLD_SIZE > 1), the same loop runs in every process on its slice of each global batch,
+with FSDP2 and expert parallelism applied from outside the model (train/parallel.py). Each rank's loss is its
+share of the global micro-batch loss (its summed token losses over the global count of trained tokens; its
+sequences' balance term over the process count) and gradients are summed over ranks, so a step computes the
+same thing in any number of processes. Rank 0 alone logs, evaluates and writes files.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,14 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..data.packing import split_loss_mask
@@ -66,6 +75,8 @@ class TrainArgs:
     tensorboard: bool = False
     wandb: bool = False
     progress: bool = True
+    ep: int = 1  # expert-parallel degree (processes sharing one copy of the routed experts); needs torchrun
+    dist_timeout: float = 900.0  # seconds a collective may wait for a peer before the job fails
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -90,6 +101,8 @@ class TrainArgs:
         need(self.loss_on == "all" or not self.data, "--loss-on answers applies to the built-in math corpus only")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be >= 1")
         need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive")
+        need(self.ep >= 1, f"--ep must be >= 1, got {self.ep}")
+        need(self.dist_timeout > 0, "--dist-timeout must be positive")
         for p in self.data:
             if not p.startswith("hf:") and not Path(p).exists():
                 raise TrainError(f"data path not found: {p}")
@@ -125,6 +138,14 @@ class Trainer:
         self.started = time.time()  # --max-minutes counts from here: set-up and evaluation included
         args.validate()
         self.args = args
+        self.par = _init_parallel(args)  # None in a lone process: no process group, today's exact code path
+        self.world = self.par.world_size if self.par else 1
+        self.is_main = self.par is None or self.par.is_main
+        self.device = self.par.device if self.par else torch.device("cpu")
+        mb = args.micro_batch_size or args.batch_size
+        if mb % self.world:
+            raise TrainError(f"the global micro-batch ({mb} sequences: --micro-batch-size, or --batch-size without "
+                             f"it) must be divisible by the number of processes ({self.world})")
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
@@ -143,38 +164,79 @@ class Trainer:
                 self.model = DeepseekV3(cfg)
                 self.model.reset_parameters(seed=args.seed)
         self.cfg = cfg
-        self.data = build_data(args, cfg, resume_from or args.init_from)
+        self.data = build_data(args, cfg, resume_from or args.init_from, rank=self.par.rank if self.par else 0,
+                               world_size=self.world)
+        if self.par is not None:
+            from .parallel import ParallelError, parallelize
+
+            try:
+                self.model = parallelize(self.model, self.par)
+            except ParallelError as e:
+                raise TrainError(str(e)) from None
         self.model.train()
-        self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
+        self.opt = build_optimizer(self.model, args.lr, args.weight_decay, fused=self.par is not None)
         self.step = 0
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-        self.peak = _matmul_peak_flops(torch.bfloat16 if self.autocast_dtype else torch.float32)
+        self.peak = _matmul_peak_flops(torch.bfloat16 if self.autocast_dtype else torch.float32) * self.world
         self.flops_tok = flops_per_token(cfg, args.seq_len)
         self.best_eval: dict | None = None
         if resume_from is not None:
-            st = load_training_state(resume_from, self.opt)
+            st = load_training_state(resume_from, self.opt, self.model)
             self.step = st["step"]
             self.data.train.load_state_dict(st["data"])
-            self._truncate_metrics(self.step)
-        (self.out / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        self._loggers = self._external_loggers()
+            if self.is_main:
+                self._truncate_metrics(self.step)
+        if self.is_main:
+            (self.out / "train_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        self._loggers = self._external_loggers() if self.is_main else []
+        fail = os.environ.get("DSV3_TEST_FAIL")  # "RANK:STEP": that rank raises at that step (tests of failure)
+        self._fail_at = tuple(map(int, fail.split(":"))) if fail else None
 
     # ---- one optimizer step ------------------------------------------------------------------------
-    def _losses(self, batch: torch.Tensor, mtp_lambda: float):
-        tokens, trained = split_loss_mask(batch)
+    def _mtp_on(self, mtp_lambda: float) -> bool:
+        return mtp_lambda > 0 and self.cfg.num_nextn_predict_layers > 0
+
+    def _losses(self, batch: torch.Tensor, mtp_lambda: float, global_counts: torch.Tensor | None = None):
+        """Main CE, MTP CE (mean over depths), balance term and per-router loads of one micro-batch.
+
+        With `global_counts` (several processes: trained labels of the whole global micro-batch for the main
+        head, then per MTP depth) the losses are this rank's shares: summed token losses / global count, and
+        the balance term (a mean over sequences) / the process count; summed over ranks they give the mean.
+        """
+        tokens, trained = split_loss_mask(batch.to(self.device))
         inputs, labels = tokens[:, :-1], tokens[:, 1:].masked_fill(~trained[:, 1:], -100)
-        ctx = (torch.autocast("cpu", dtype=self.autocast_dtype) if self.autocast_dtype
-               else torch.autocast("cpu", enabled=False))
+        dev = self.device.type
+        ctx = (torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype
+               else torch.autocast(dev, enabled=False))
         with ctx:
-            out = self.model.forward_train(inputs, mtp=mtp_lambda > 0 and self.cfg.num_nextn_predict_layers > 0)
-        main = cross_entropy(out.logits, labels)
-        mtp = torch.zeros((), device=main.device)
-        if out.mtp_logits:
-            mtp = sum(cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1))
-            mtp = mtp / len(out.mtp_logits)
+            out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda))
+        if global_counts is None:
+            main = cross_entropy(out.logits, labels)
+            mtp = torch.zeros((), device=main.device)
+            if out.mtp_logits:
+                mtp = sum(cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1))
+                mtp = mtp / len(out.mtp_logits)
+        else:
+            main = _ce_sum(out.logits, labels) / global_counts[0]
+            mtp = torch.zeros((), device=main.device)
+            if out.mtp_logits:
+                mtp = sum(_ce_sum(lg, labels[:, k:]) / global_counts[k] for k, lg in enumerate(out.mtp_logits, 1))
+                mtp = mtp / len(out.mtp_logits)
         routing = out.routing + out.mtp_routing
         balance = sum((r.balance for r in routing), torch.zeros((), device=main.device))
+        if global_counts is not None:
+            balance = balance / self.world
         return main, mtp, balance, [r.load for r in routing]
+
+    def _global_label_counts(self, batches: list[torch.Tensor], mtp_lambda: float) -> torch.Tensor:
+        """[n_micro, 1 + D]: trained labels of each global micro-batch (main head, then MTP depth k = 1..D)."""
+        depths = self.cfg.num_nextn_predict_layers if self._mtp_on(mtp_lambda) else 0
+        rows = []
+        for b in batches:
+            trained = split_loss_mask(b)[1][:, 1:]  # [B, T]: label j is trained
+            rows.append([int(trained[:, k:].sum()) for k in range(depths + 1)])
+        counts = torch.tensor(rows, dtype=torch.float64, device=self.device)
+        return self.par.all_reduce(counts).float()
 
     def train_step(self) -> dict:
         a = self.args
@@ -183,22 +245,37 @@ class Trainer:
         gamma = bias_gamma_at(self.step, a.max_steps, a.bias_gamma, a.bias_gamma_off)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        mb = a.micro_batch_size or a.batch_size
+        mb = a.micro_batch_size or a.batch_size  # global: every rank runs mb / world of its sequences
         n_micro = a.batch_size // mb
+        if self._fail_at and self.par and self._fail_at == (self.par.rank, self.step + 1):
+            raise RuntimeError(f"DSV3_TEST_FAIL: rank {self.par.rank} fails at step {self.step + 1} on purpose")
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         loads = None
         self.opt.zero_grad(set_to_none=True)
-        for _ in range(n_micro):
-            batch = self.data.train.next_batch(mb)
-            main, mtp, balance, micro_loads = self._losses(batch, lam)
+        batches = [self.data.train.next_batch(mb // self.world) for _ in range(n_micro)]
+        counts = self._global_label_counts(batches, lam) if self.par else [None] * n_micro
+        shares = torch.zeros(3, device=self.device)  # this rank's shares of the three logged losses
+        for batch, cnt in zip(batches, counts):
+            main, mtp, balance, micro_loads = self._losses(batch, lam, cnt)
             total = main + lam * mtp + a.balance_alpha * balance
             (total / n_micro).backward()
-            sums["loss"] += main.item() / n_micro
-            sums["mtp_loss"] += mtp.item() / n_micro
-            sums["balance_loss"] += a.balance_alpha * balance.item() / n_micro
+            if self.par:
+                shares += torch.stack([main.detach(), mtp.detach(), a.balance_alpha * balance.detach()]) / n_micro
+            else:
+                sums["loss"] += main.item() / n_micro
+                sums["mtp_loss"] += mtp.item() / n_micro
+                sums["balance_loss"] += a.balance_alpha * balance.item() / n_micro
             loads = micro_loads if loads is None else [x + y for x, y in zip(loads, micro_loads)]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip))
+        if self.par:
+            from .parallel import clip_grad_norm_
+
+            sums = dict(zip(sums, self.par.all_reduce(shares).tolist()))
+            # the bias update and MaxVio use the global batch's load: every rank ends with the same biases
+            loads = list(self.par.all_reduce(torch.stack(loads)).unbind(0))
+            grad_norm = clip_grad_norm_(self.model.parameters(), a.grad_clip, self.par)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip))
         ok = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if ok:
             self.opt.step()
@@ -220,17 +297,26 @@ class Trainer:
     # ---- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Held-out loss and math accuracy. Several processes: rank 0 evaluates the gathered full model (the
+        others get {} and wait for it at their next collective)."""
         from ..eval.math_eval import evaluate_math, heldout_loss
 
-        self.model.eval()
+        model = self.model
+        if self.par is not None:
+            from ..checkpoint.dcp import gather_full_model
+
+            model = gather_full_model(self.model, self.par)
+            if model is None:
+                return {}
+        model.eval()
         try:
-            res = {"eval_loss": heldout_loss(self.model, self.data.heldout_batches)}
+            res = {"eval_loss": heldout_loss(model, self.data.heldout_batches)}
             if self.data.eval_problems:
-                acc = evaluate_math(self.model, self.data.tokenizer, self.data.eval_problems)
+                acc = evaluate_math(model, self.data.tokenizer, self.data.eval_problems)
                 res["eval_accuracy"] = acc["accuracy"]
                 res["eval_by_steps"] = acc["by_steps"]
         finally:
-            self.model.train()
+            model.train()
         return res
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -238,6 +324,11 @@ class Trainer:
         return {"step": self.step, "data": self.data.train.state_dict(), "args": dataclasses.asdict(self.args)}
 
     def save(self) -> Path:
+        if self.par is not None:  # collective: every rank writes its shards, rank 0 the rest
+            from ..checkpoint.dcp import save_distributed
+
+            return save_distributed(self.out, self.step, self.model, self.opt, self.data.tokenizer,
+                                    self._trainer_state(), self.par, self.args.keep_last)
         return save_checkpoint(self.out, self.step, self.model, self.opt, self.data.tokenizer,
                                self._trainer_state(), self.args.keep_last)
 
@@ -267,6 +358,8 @@ class Trainer:
         return loggers
 
     def _log(self, rec: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
@@ -290,8 +383,12 @@ class Trainer:
         def on_sigterm(signum, frame):
             raise KeyboardInterrupt
 
-        old = signal.signal(signal.SIGTERM, on_sigterm)
-        bar = tqdm(total=end, initial=self.step, disable=not a.progress, desc="train", unit="step", dynamic_ncols=True)
+        # Several processes: no checkpoint on SIGTERM (torchrun sends it when a peer failed; the ranks may sit
+        # in different collectives), so the default action ends the process at once.
+        old = signal.signal(signal.SIGTERM, on_sigterm) if self.par is None else None
+        say = tqdm.write if self.is_main else (lambda msg: None)
+        bar = tqdm(total=end, initial=self.step, disable=not (a.progress and self.is_main), desc="train",
+                   unit="step", dynamic_ncols=True)
         try:
             while self.step < end:
                 rec = self.train_step()
@@ -305,6 +402,8 @@ class Trainer:
                 bad = 0
                 self.step += 1
                 out_of_time = deadline is not None and time.time() >= deadline
+                if deadline is not None and self.par is not None:
+                    out_of_time = self.par.agree(out_of_time)  # every rank stops at the same step
                 if a.eval_every and (self.step % a.eval_every == 0 or self.step == end or out_of_time):
                     rec.update(self.evaluate())
                 self._log(rec)
@@ -315,14 +414,18 @@ class Trainer:
                 if a.save_every and self.step % a.save_every == 0 and self.step < end:
                     self.save()
                 if out_of_time:
-                    bar.write(f"time budget of {a.max_minutes} min reached at step {self.step}")
+                    say(f"time budget of {a.max_minutes} min reached at step {self.step}")
                     break
         except KeyboardInterrupt:
+            if self.par is not None:
+                say(f"interrupted at step {self.step}; resume from the last checkpoint with --resume")
+                raise
             interrupted = True
-            bar.write(f"interrupted at step {self.step}; saving a checkpoint")
+            say(f"interrupted at step {self.step}; saving a checkpoint")
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, old)
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
         ckpt = self.save()
         for kind, lg in self._loggers:
             lg.close() if kind == "tb" else lg.finish()
@@ -332,5 +435,25 @@ class Trainer:
                                                                 if k.startswith("eval") or k == "loss"}}
 
 
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _init_parallel(args: TrainArgs):
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.ep == 1:
+        return None  # a lone process never imports torch.distributed's machinery
+    from .parallel import ParallelError, init_parallel
+
+    try:
+        return init_parallel(args.ep, args.dist_timeout)
+    except ParallelError as e:
+        raise TrainError(str(e)) from None
+
+
 def train(args: TrainArgs) -> dict:
-    return Trainer(args).run()
+    try:
+        return Trainer(args).run()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
