@@ -1,4 +1,5 @@
-"""`dsv3` command line: info, init, convert, generate (train, eval and plot come from dsv3.train / dsv3.eval)."""
+"""`dsv3` command line: info, init, convert (train, eval and plot come from dsv3.train; generate, chat and serve
+from dsv3.serve)."""
 
 from __future__ import annotations
 
@@ -84,20 +85,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .data.tokenizer import Tokenizer
-    from .infer.generate import generate
-    from .model import DeepseekV3
-
-    model = DeepseekV3.from_pretrained(args.checkpoint).eval()
-    tok = Tokenizer.load(args.checkpoint)
-    ids = tok.encode(args.prompt, add_bos=True)
-    new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, eos_token_id=tok.eos_id)[0]
-    print(args.prompt + tok.decode(new))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,23 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     f2b.add_argument("--out", dest="dst", required=True)
     f2b.set_defaults(func=cmd_convert)
 
-    gen = sub.add_parser("generate", help="generate text from a checkpoint")
-    gen.add_argument("--checkpoint", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.set_defaults(func=cmd_generate)
-
     for register in _extensions():
         register(sub)
     return p
 
 
 def _extensions():
-    """Subcommands that live beside their code (train, eval, plot)."""
-    regs = []
+    """Subcommands that live beside their code (train, eval, plot; generate, chat, serve)."""
+    from .plan import register as plan_register
+    from .serve.cli import register as serve_register
+
+    regs = [serve_register, plan_register]
     try:
         from .train.cli import register as train_register
 
