@@ -1,5 +1,7 @@
 """Training throughput of dsv3 against `transformers`' DeepseekV3ForCausalLM: same config, weights and batch,
 fp32 master weights, bf16 autocast (or --dtype float32), forward + backward + AdamW step, on this CPU.
+Each side steps with the optimizer its own trainer uses: dsv3's `build_optimizer` (fused AdamW, decay on
+matrices only) and fused AdamW over all parameters for transformers (its Trainer's default, adamw_torch_fused).
 
 Both models train the main next-token loss only (transformers has no MTP), so dsv3 runs `mtp=False`.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
@@ -24,11 +26,11 @@ from bench_inference import build_models, loadavg  # noqa: E402
 
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.model.transformer import cross_entropy  # noqa: E402
+from dsv3.train.optim import build_optimizer  # noqa: E402
 from dsv3.train.trainer import _matmul_peak_flops, flops_per_token  # noqa: E402
 
 
-def step_time(loss_fn, model, batch, autocast: bool, repeats: int) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+def step_time(loss_fn, opt, batch, autocast: bool, repeats: int) -> list[float]:
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -64,8 +66,10 @@ def main() -> None:
     def hf_loss(b):
         return cross_entropy(hf(b[:, :-1]).logits, b[:, 1:])
 
-    t_ours = statistics.median(step_time(ours_loss, ours, batch, autocast, args.repeats))
-    t_hf = statistics.median(step_time(hf_loss, hf, batch, autocast, args.repeats))
+    ours_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    t_ours = statistics.median(step_time(ours_loss, ours_opt, batch, autocast, args.repeats))
+    t_hf = statistics.median(step_time(hf_loss, hf_opt, batch, autocast, args.repeats))
     tokens = args.batch * args.seq
     peak = _matmul_peak_flops(torch.bfloat16 if autocast else torch.float32)
     fpt = flops_per_token(cfg, args.seq)
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"| transformers | {res['hf_tok_s']:.0f} | {res['hf_mfu']:.1%} |")
     print(f"dsv3 / transformers: {res['ratio']:.2f}x; measured matmul peak {res['matmul_peak_tflops']:.2f} TFLOP/s; "
           f"load {before} -> {res['loadavg_after']}")
-    out = Path(__file__).parent / "results" / "train.json"
+    out = Path(__file__).parent / "results" / f"train_{args.dtype}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
 

