@@ -112,7 +112,8 @@ def test_resume_is_bit_identical(tmp_path):
     (dict(lr=-1.0), "--lr"),
     (dict(dtype="float16"), "--dtype"),
     (dict(seq_len=2), "--seq-len"),
-])
+    (dict(device="gpu"), "--device must be"),
+] + ([] if torch.cuda.is_available() else [(dict(device="cuda"), "no CUDA device")]))
 def test_bad_input_fails_before_training(tmp_path, kw, msg):
     with pytest.raises(TrainError, match=msg):
         Trainer(_args(tmp_path, **kw))

@@ -18,7 +18,7 @@ def heldout_loss(model, batches: list[torch.Tensor]) -> float:
 
     losses = []
     for b in batches:
-        tokens, trained = split_loss_mask(b)  # answers-only batches carry their loss mask
+        tokens, trained = split_loss_mask(b.to(model.device))  # answers-only batches carry their loss mask
         labels = tokens[:, 1:].masked_fill(~trained[:, 1:], -100)
         losses.append(cross_entropy(model(tokens[:, :-1]), labels).item())
     return sum(losses) / len(losses)

@@ -45,6 +45,8 @@ def _add_train(sub) -> None:
         "save_every": (int, "checkpoint every N steps"),
         "keep_last": (int, "checkpoints to keep"),
         "max_bad_steps": (int, "non-finite steps in a row before stopping"),
+        "device": (str, "one process: auto (cuda when available), cpu, cuda or cuda:N; under torchrun each rank "
+                        "uses its own GPU, or the CPU"),
         "ep": (int, "expert parallelism: processes that split each MoE layer's routed experts (divides the "
                     "process count)"),
         "dist_timeout": (float, "seconds a collective waits for a peer before the job fails"),

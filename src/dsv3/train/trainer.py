@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class TrainArgs:
     tensorboard: bool = False
     wandb: bool = False
     progress: bool = True
+    device: str = "auto"  # one process: auto = cuda when available, else cpu (torchrun: each rank's own GPU)
     ep: int = 1  # expert-parallel degree (processes sharing one copy of the routed experts); needs torchrun
     dist_timeout: float = 900.0  # seconds a collective may wait for a peer before the job fails
 
@@ -102,6 +104,10 @@ class TrainArgs:
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be >= 1")
         need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive")
         need(self.ep >= 1, f"--ep must be >= 1, got {self.ep}")
+        need(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(not self.device.startswith("cuda") or torch.cuda.is_available(),
+             f"--device {self.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
         need(self.dist_timeout > 0, "--dist-timeout must be positive")
         for p in self.data:
             if not p.startswith("hf:") and not Path(p).exists():
@@ -109,15 +115,20 @@ class TrainArgs:
 
 
 @functools.lru_cache(maxsize=None)
-def _matmul_peak_flops(dtype: torch.dtype) -> float:
-    """Measured dense matmul throughput of this machine (FLOP/s), the MFU denominator."""
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+    """Measured dense matmul throughput of this device (FLOP/s), the MFU denominator."""
+    device = torch.device(device)
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -141,7 +152,7 @@ class Trainer:
         self.par = _init_parallel(args)  # None in a lone process: no process group, today's exact code path
         self.world = self.par.world_size if self.par else 1
         self.is_main = self.par is None or self.par.is_main
-        self.device = self.par.device if self.par else torch.device("cpu")
+        self.device = self.par.device if self.par else _single_device(args.device)
         mb = args.micro_batch_size or args.batch_size
         if mb % self.world:
             raise TrainError(f"the global micro-batch ({mb} sequences: --micro-batch-size, or --batch-size without "
@@ -173,11 +184,14 @@ class Trainer:
                 self.model = parallelize(self.model, self.par)
             except ParallelError as e:
                 raise TrainError(str(e)) from None
+        else:
+            self.model.to(self.device)
         self.model.train()
         self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
         self.step = 0
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-        self.peak = _matmul_peak_flops(torch.bfloat16 if self.autocast_dtype else torch.float32) * self.world
+        peak_dtype = torch.bfloat16 if self.autocast_dtype else torch.float32
+        self.peak = _matmul_peak_flops(peak_dtype, self.device) * self.world
         self.flops_tok = flops_per_token(cfg, args.seq_len)
         self.best_eval: dict | None = None
         if resume_from is not None:
@@ -438,6 +452,12 @@ class Trainer:
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                            reduction="sum")
+
+
+def _single_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _init_parallel(args: TrainArgs):
