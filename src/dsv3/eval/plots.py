@@ -62,7 +62,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for i in range(n_layers):
             load = np.array([r["expert_load"][i] for r in recs]).T  # [experts, steps]
             im = axes[i, 0].imshow(load * load.shape[0], aspect="auto", cmap="coolwarm", vmin=0, vmax=2,
-                                   extent=[steps[0], steps[-1], load.shape[0] - 0.5, -0.5], interpolation="nearest")
+                                   extent=[steps[0] - 0.5, steps[-1] + 0.5, load.shape[0] - 0.5, -0.5],
+                                   interpolation="nearest")  # each step's column centred on its step number
             axes[i, 0].set_ylabel(f"MoE layer {i}\nexpert")
             fig.colorbar(im, ax=axes[i, 0], label="load / mean")
         axes[-1, 0].set_xlabel("step")
