@@ -3,7 +3,7 @@
 set -euo pipefail
 OUT=${OUT:-runs/reference}
 .venv/bin/dsv3 train --out "$OUT" --preset tiny --seq-len 256 --batch-size 8 --max-steps 7000 \
-    --max-minutes "${MINUTES:-60}" --lr 4e-3 --warmup-steps 50 --eval-every 500 --eval-problems 200 \
+    --max-minutes "${MINUTES:-60}" --lr 2e-3 --warmup-steps 50 --eval-every 500 --eval-problems 200 \
     --save-every 500 --dtype float32 --step-weights 0.4 0.3 0.2 0.1
 .venv/bin/dsv3 eval --checkpoint "$OUT" --n 800
 .venv/bin/dsv3 plot "$OUT"
