@@ -25,17 +25,15 @@ Writes benchmarks/results/engine.json (--quick: a file in the temp directory unl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_inference import build_models, cast, cpu_model, hf_generate_timed, leading_equal, loadavg
+from bench_inference import build_models, cast, cpu_model, hf_generate_timed, leading_equal, loadavg, save_result
 
 from dsv3 import ModelConfig
 from dsv3.infer import Engine, SamplingParams
@@ -271,12 +269,8 @@ def main(argv=None) -> dict:
 
     result = {"preset": args.preset, "dtype": args.dtype, "machine": machine, "loadavg_before": load_before,
               "loadavg_after": load_after, "repeats": args.repeats, "quick": args.quick, "decode": decode,
-              "concurrency": conc, "speculative": spec,
-              "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return result
+              "concurrency": conc, "speculative": spec}
+    return save_result(out, result, argv)
 
 
 if __name__ == "__main__":

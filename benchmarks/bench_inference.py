@@ -46,6 +46,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def save_result(out: Path, result: dict, argv: list[str] | None) -> dict:
+    """Write `result` (plus the command line that produced it) as JSON to `out`; returns it."""
+    result["command"] = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -247,13 +256,8 @@ def main(argv=None) -> dict:
 
     result = {"preset": args.preset, "dtype": args.dtype, "params_without_mtp": n_params, "machine": machine,
               "loadavg_before": load_before, "loadavg_after": load_after, "repeats": args.repeats,
-              "prefill": prefill, "decode": decode,
-              "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return result
+              "prefill": prefill, "decode": decode}
+    return save_result(Path(args.out), result, argv)
 
 
 if __name__ == "__main__":
