@@ -67,8 +67,13 @@ def _check_problem(p: MathProblem) -> None:
     assert all(eqs), p.solution
     assert len(eqs) == p.steps
     q_numbers = [int(x) for x in re.findall(r"\d+", p.question)]
-    # The question's numbers, in order, are the first operand and then each step's new operand.
-    assert q_numbers == [int(eqs[0][1])] + [int(m[3]) for m in eqs], p
+    # The question's numbers, in order, are the first operand and then each step's new operand; a product
+    # start is written many-digit factor first, whatever the question's order.
+    written = [int(eqs[0][1])] + [int(m[3]) for m in eqs]
+    if eqs[0][2] == "x" and q_numbers[:2] != written[:2]:
+        assert q_numbers[:2] == written[1::-1] and written[0] >= written[1], p
+        written[:2] = written[1::-1]
+    assert q_numbers == written, p
     prev = None
     for i, m in enumerate(eqs):
         a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])

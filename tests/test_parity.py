@@ -57,6 +57,20 @@ def test_router_matches_transformers_and_uses_bias_for_choice_only():
     assert max(len(set(g.tolist())) for g in groups) <= cfg.topk_group
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 50])
+def test_moe_block_matches_transformers_for_any_token_count(tokens):
+    """One token (matrix-vector products), a few (a loop over the experts hit) and many (grouped GEMMs)."""
+    cfg = tiny_config()
+    model = random_model(cfg)
+    hf = hf_model(model)
+    moe_layer = cfg.first_k_dense_replace
+    x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        ours, ref = model.model.layers[moe_layer].mlp(x), hf.model.layers[moe_layer].mlp(x)
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_absorbed_cache_decoding_equals_full_forward():
     cfg = tiny_config(rope_scaling=YARN)
     model = random_model(cfg)

@@ -148,3 +148,23 @@ def test_answers_only_loss_masks_exactly_the_prompt():
     assert tokens[0, 1:1 + n_full].tolist() == tok.encode(format_example(p))  # after BOS
     assert not trained[0, 1:1 + n_prompt].any() and trained[0, 1 + n_prompt:1 + n_full + 1].all()
     assert trained[0, 0]  # BOS is an ordinary token
+
+
+def test_document_mask_makes_packed_documents_independent():
+    """With the document mask, each document of a packed row gets the logits (and MTP logits) it gets alone,
+    and the trainer builds the document numbers from BOS."""
+    torch.manual_seed(0)
+    cfg = tiny_config(bos_token_id=0)
+    model = DeepseekV3(cfg).float().eval()
+    a, b = [0] + torch.randint(3, 97, (9,)).tolist(), [0] + torch.randint(3, 97, (14,)).tolist()
+    row = torch.tensor([a + b])
+    documents = (row == 0).cumsum(1)
+    assert documents.tolist() == [[1] * len(a) + [2] * len(b)]
+    with torch.no_grad():
+        packed = model.forward_train(row, documents=documents)
+        alone = model.forward_train(torch.tensor([b]))
+        crossing = model.forward_train(row)
+    tail = slice(len(a), None)
+    torch.testing.assert_close(packed.logits[:, tail], alone.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed.mtp_logits[0][:, len(a):], alone.mtp_logits[0], atol=1e-4, rtol=0)
+    assert (crossing.logits[:, tail] - alone.logits).abs().max() > 1e-3  # without it, b sees a

@@ -9,9 +9,10 @@ from ..model.transformer import cross_entropy
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: list[torch.Tensor]) -> float:
+def heldout_loss(model, batches: list[torch.Tensor], bos_id: int | None = None) -> float:
     """Mean next-token cross-entropy of the main head over fixed held-out batches [B, T+1] (on the trained
-    tokens only when the batches mark prompts with -(id + 1))."""
+    tokens only when the batches mark prompts with -(id + 1)). With `bos_id`, attention stays inside each
+    packed document (a new one at each BOS), as in training with the document mask."""
     if not batches:
         return float("nan")
     from ..data.packing import split_loss_mask
@@ -20,7 +21,12 @@ def heldout_loss(model, batches: list[torch.Tensor]) -> float:
     for b in batches:
         tokens, trained = split_loss_mask(b.to(model.device))  # answers-only batches carry their loss mask
         labels = tokens[:, 1:].masked_fill(~trained[:, 1:], -100)
-        losses.append(cross_entropy(model(tokens[:, :-1]), labels).item())
+        inputs = tokens[:, :-1]
+        if bos_id is None:
+            logits = model(inputs)
+        else:
+            logits = model.forward_train(inputs, mtp=False, documents=(inputs == bos_id).cumsum(1)).logits
+        losses.append(cross_entropy(logits, labels).item())
     return sum(losses) / len(losses)
 
 

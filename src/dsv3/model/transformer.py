@@ -149,9 +149,14 @@ class DeepseekV3(nn.Module):
         `cache`, the latents of positions 0..T-1 are stored for decoding with `forward_cached` (prefill)."""
         return self._forward(input_ids, attention_mask, cache=cache).logits
 
-    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True) -> ForwardOutput:
-        """Main logits, MTP logits per depth (position i of depth k predicts token i+k+1) and routing stats."""
-        return self._forward(input_ids, None, with_stats=True, mtp=mtp)
+    def forward_train(self, input_ids: torch.Tensor, mtp: bool = True,
+                      documents: torch.Tensor | None = None) -> ForwardOutput:
+        """Main logits, MTP logits per depth (position i of depth k predicts token i+k+1) and routing stats.
+
+        documents [B, T] (optional): a document number per token of packed rows; attention then stays inside
+        each document, as at inference, where every prompt starts a fresh context.
+        """
+        return self._forward(input_ids, None, with_stats=True, mtp=mtp, documents=documents)
 
     @staticmethod
     def _padding_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
@@ -162,11 +167,18 @@ class DeepseekV3(nn.Module):
         mask = (causal[None] & attention_mask.bool()[:, None, :])[:, None]  # [B, 1, T, T]
         return mask | torch.eye(T, dtype=torch.bool, device=mask.device)  # padded rows stay finite
 
-    def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None) -> ForwardOutput:
+    @staticmethod
+    def _document_mask(documents: torch.Tensor, T: int) -> torch.Tensor:
+        """[B, 1, T, T] causal mask that keeps every token inside its own document (documents [B, T])."""
+        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+        return (causal[None] & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+    def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None,
+                 documents=None) -> ForwardOutput:
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rotary(positions)
-        mask = self._padding_mask(attention_mask, T)
+        mask = self._padding_mask(attention_mask, T) if documents is None else self._document_mask(documents, T)
         stats: list[RoutingStats] | None = [] if with_stats else None
         emb = self.model.embed_tokens(input_ids)
         h = emb
@@ -181,7 +193,7 @@ class DeepseekV3(nn.Module):
                     break
                 x = layer.combine(emb[:, k:], prev[:, : T - k])
                 mstats: list[RoutingStats] = []
-                x = layer(x, cos[:, : T - k], sin[:, : T - k], None, mstats)
+                x = layer(x, cos[:, : T - k], sin[:, : T - k], None if mask is None else mask[..., : T - k, : T - k], mstats)
                 prev = layer.shared_head.norm(x)
                 out.mtp_logits.append(self.lm_head(prev))
                 out.mtp_routing.extend(mstats)

@@ -59,6 +59,9 @@ def _add_train(sub) -> None:
                    help="built-in corpus mix of 1..4-step problems")
     p.add_argument("--loss-on", choices=["all", "answers"], default="all",
                    help="built-in corpus: train on every token, or only on the worked solutions (SFT-style)")
+    p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
+                   help="let attention cross document boundaries in packed rows (default: each document, which "
+                        "starts with BOS, attends only to itself, as prompts do at inference)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", action="store_true")

@@ -73,6 +73,7 @@ class TrainArgs:
     max_bad_steps: int = 5
     step_weights: list[float] | None = None  # built-in corpus mix over 1..4-step problems
     loss_on: str = "all"  # "answers": built-in corpus only, no loss on the question tokens (SFT-style)
+    doc_mask: bool = True  # attention stays inside each packed document (documents start with BOS)
     tensorboard: bool = False
     wandb: bool = False
     progress: bool = True
@@ -210,6 +211,11 @@ class Trainer:
     def _mtp_on(self, mtp_lambda: float) -> bool:
         return mtp_lambda > 0 and self.cfg.num_nextn_predict_layers > 0
 
+    def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Document number of every input token (a new one at each BOS), when attention is kept inside them."""
+        bos = self.data.tokenizer.bos_id
+        return (inputs == bos).cumsum(1) if self.args.doc_mask and bos is not None else None
+
     def _losses(self, batch: torch.Tensor, mtp_lambda: float, global_counts: torch.Tensor | None = None):
         """Main CE, MTP CE (mean over depths), balance term and per-router loads of one micro-batch.
 
@@ -223,7 +229,7 @@ class Trainer:
         ctx = (torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype
                else torch.autocast(dev, enabled=False))
         with ctx:
-            out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda))
+            out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda), documents=self._documents(inputs))
         if global_counts is None:
             main = cross_entropy(out.logits, labels)
             mtp = torch.zeros((), device=main.device)
@@ -324,7 +330,8 @@ class Trainer:
                 return {}
         model.eval()
         try:
-            res = {"eval_loss": heldout_loss(model, self.data.heldout_batches)}
+            bos = self.data.tokenizer.bos_id if self.args.doc_mask else None
+            res = {"eval_loss": heldout_loss(model, self.data.heldout_batches, bos)}
             if self.data.eval_problems:
                 acc = evaluate_math(model, self.data.tokenizer, self.data.eval_problems)
                 res["eval_accuracy"] = acc["accuracy"]
