@@ -193,7 +193,8 @@ class DeepseekV3(nn.Module):
                     break
                 x = layer.combine(emb[:, k:], prev[:, : T - k])
                 mstats: list[RoutingStats] = []
-                x = layer(x, cos[:, : T - k], sin[:, : T - k], None if mask is None else mask[..., : T - k, : T - k], mstats)
+                mtp_mask = None if mask is None else mask[..., : T - k, : T - k]
+                x = layer(x, cos[:, : T - k], sin[:, : T - k], mtp_mask, mstats)
                 prev = layer.shared_head.norm(x)
                 out.mtp_logits.append(self.lm_head(prev))
                 out.mtp_routing.extend(mstats)
