@@ -64,12 +64,9 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
-def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-               loop: bool = False) -> torch.Tensor:
+def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """SwiGLU of rows sorted by expert: xs [M, H], counts [E] rows per expert (sum M), gate_up [E, 2I, H],
-    down [E, H, I] -> [M, H]. One grouped GEMM per projection; shared with the expert-parallel wrapper.
-    loop=True: one product per expert that received rows instead (for a few rows, where a CPU grouped GEMM
-    would still make a call for each of the E groups)."""
+    down [E, H, I] -> [M, H]. One grouped GEMM per projection; shared with the expert-parallel wrapper."""
     if torch.is_autocast_enabled(xs.device.type) and xs.device.type != "cpu":
         dt = torch.get_autocast_dtype(xs.device.type)
         xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
@@ -79,7 +76,7 @@ def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, do
         # their gradients back costs more than the fp32 products it saves (small preset, 2-core Sapphire Rapids: the
         # whole bf16-autocast training step runs 1.9x faster, 253 -> 492 tokens/s in benchmarks/bench_train.py).
         xs = xs.to(gate_up.dtype)
-    if _grouped_mm_ok(xs) and not loop:
+    if _grouped_mm_ok(xs):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
         g, u = h.chunk(2, dim=-1)
@@ -109,15 +106,13 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
         N, k = idx.shape
-        eager_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if N == 1 and eager_cpu:
+        if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return self._one_token(x, weights, idx)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token slots sorted by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.n)
-        # a few tokens (speculative verification, small decode batches) hit fewer experts than there are
-        out = expert_ffn(x[token], counts, self.gate_up_proj, self.down_proj, loop=eager_cpu and N * k < self.n)
+        out = expert_ffn(x[token], counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
 
