@@ -11,8 +11,8 @@ ModelConfig.preset("tiny").replace(n_routed_experts=None, intermediate_size=416)
 PY
 COMMON=(--seq-len 256 --batch-size 16 --max-steps "$STEPS" --lr 4e-3 --warmup-steps 30
         --eval-every "$STEPS" --eval-problems 100 --save-every 0 --dtype float32 --seed 0 --no-progress)
-.venv/bin/dsv3 train --out runs/exp-moe   --preset tiny "${COMMON[@]}"
-.venv/bin/dsv3 train --out runs/exp-dense --config runs/exp-dense-config.json "${COMMON[@]}"
+.venv/bin/dsv3 train --overwrite --out runs/exp-moe   --preset tiny "${COMMON[@]}"
+.venv/bin/dsv3 train --overwrite --out runs/exp-dense --config runs/exp-dense-config.json "${COMMON[@]}"
 .venv/bin/dsv3 info --preset tiny --json | grep -E "activated|params_main"
 .venv/bin/dsv3 info --config runs/exp-dense-config.json --json | grep -E "activated|params_main"
 .venv/bin/python experiments/summarize.py runs/exp-moe runs/exp-dense

@@ -168,3 +168,15 @@ def test_document_mask_makes_packed_documents_independent():
     torch.testing.assert_close(packed.logits[:, tail], alone.logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(packed.mtp_logits[0][:, len(a):], alone.mtp_logits[0], atol=1e-4, rtol=0)
     assert (crossing.logits[:, tail] - alone.logits).abs().max() > 1e-3  # without it, b sees a
+
+
+def test_fresh_run_in_a_used_directory_needs_overwrite(tmp_path):
+    Trainer(_args(tmp_path, max_steps=4, save_every=2)).run()
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-000004").is_dir()
+    with pytest.raises(TrainError, match="--overwrite"):
+        Trainer(_args(tmp_path, max_steps=3))
+    Trainer(_args(tmp_path, max_steps=3, overwrite=True)).run()
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]  # only the new run's records
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003"]  # no stale later step

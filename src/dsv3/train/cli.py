@@ -63,6 +63,9 @@ def _add_train(sub) -> None:
                    help="let attention cross document boundaries in packed rows (default: each document, which "
                         "starts with BOS, attends only to itself, as prompts do at inference)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds an earlier one (its metrics and checkpoints are "
+                        "deleted; without this flag that is an error)")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")

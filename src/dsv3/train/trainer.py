@@ -17,6 +17,7 @@ import math
 import os
 import re
 import signal
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class TrainArgs:
     save_every: int = 200
     keep_last: int = 3
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the metrics and checkpoints of an earlier run in `out`
     max_bad_steps: int = 5
     step_weights: list[float] | None = None  # built-in corpus mix over 1..4-step problems
     loss_on: str = "all"  # "answers": built-in corpus only, no loss on the question tokens (SFT-style)
@@ -162,6 +164,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
         resume_from = latest_checkpoint(self.out) if args.resume else None
+        if not args.resume:
+            self._clear_previous_run()
         if args.resume and resume_from is None:
             raise TrainError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
         if resume_from is not None:
@@ -352,6 +356,19 @@ class Trainer:
                                     self._trainer_state(), self.par, self.args.keep_last)
         return save_checkpoint(self.out, self.step, self.model, self.opt, self.data.tokenizer,
                                self._trainer_state(), self.args.keep_last)
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run must not mix with an earlier one in the same directory: its metrics would be appended
+        to the old ones and `--resume` could pick up an old, later-numbered checkpoint."""
+        previous = [p for p in (self.out / "metrics.jsonl", self.out / "checkpoints") if p.exists()]
+        if not previous:
+            return
+        if not self.args.overwrite:
+            raise TrainError(f"{self.out} already holds a run ({', '.join(p.name for p in previous)}): pass --resume "
+                             "to continue it, --overwrite to start over there, or choose another --out")
+        if self.is_main:
+            for p in previous:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / "metrics.jsonl"
