@@ -16,8 +16,8 @@ import json
 import math
 import os
 import re
-import signal
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
