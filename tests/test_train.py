@@ -151,8 +151,8 @@ def test_answers_only_loss_masks_exactly_the_prompt():
 
 
 def test_document_mask_makes_packed_documents_independent():
-    """With the document mask, each document of a packed row gets the logits (and MTP logits) it gets alone,
-    and the trainer builds the document numbers from BOS."""
+    """With the document mask (document numbers counted at each BOS, as the trainer does), each document of a
+    packed row gets the logits and MTP logits it gets alone; without it, the second one sees the first."""
     torch.manual_seed(0)
     cfg = tiny_config(bos_token_id=0)
     model = DeepseekV3(cfg).float().eval()

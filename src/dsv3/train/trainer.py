@@ -215,10 +215,14 @@ class Trainer:
     def _mtp_on(self, mtp_lambda: float) -> bool:
         return mtp_lambda > 0 and self.cfg.num_nextn_predict_layers > 0
 
+    @property
+    def _doc_bos(self) -> int | None:
+        """The BOS id that starts every packed document, when attention is kept inside documents (else None)."""
+        return self.data.tokenizer.bos_id if self.args.doc_mask else None
+
     def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Document number of every input token (a new one at each BOS), when attention is kept inside them."""
-        bos = self.data.tokenizer.bos_id
-        return (inputs == bos).cumsum(1) if self.args.doc_mask and bos is not None else None
+        return None if self._doc_bos is None else (inputs == self._doc_bos).cumsum(1)
 
     def _losses(self, batch: torch.Tensor, mtp_lambda: float, global_counts: torch.Tensor | None = None):
         """Main CE, MTP CE (mean over depths), balance term and per-router loads of one micro-batch.
@@ -334,8 +338,7 @@ class Trainer:
                 return {}
         model.eval()
         try:
-            bos = self.data.tokenizer.bos_id if self.args.doc_mask else None
-            res = {"eval_loss": heldout_loss(model, self.data.heldout_batches, bos)}
+            res = {"eval_loss": heldout_loss(model, self.data.heldout_batches, self._doc_bos)}
             if self.data.eval_problems:
                 acc = evaluate_math(model, self.data.tokenizer, self.data.eval_problems)
                 res["eval_accuracy"] = acc["accuracy"]
