@@ -59,7 +59,7 @@ def test_router_matches_transformers_and_uses_bias_for_choice_only():
 
 @pytest.mark.parametrize("tokens", [1, 2, 50])
 def test_moe_block_matches_transformers_for_any_token_count(tokens):
-    """One token (matrix-vector products), a few (a loop over the experts hit) and many (grouped GEMMs)."""
+    """One token (matrix-vector products), a few and many tokens (grouped GEMMs)."""
     cfg = tiny_config()
     model = random_model(cfg)
     hf = hf_model(model)

@@ -151,14 +151,17 @@ def test_answers_only_loss_masks_exactly_the_prompt():
 
 
 def test_document_mask_makes_packed_documents_independent():
-    """With the document mask (document numbers counted at each BOS, as the trainer does), each document of a
-    packed row gets the logits and MTP logits it gets alone; without it, the second one sees the first."""
+    """With the document mask (document numbers from BOS, as the trainer and the held-out loss count them),
+    each document of a packed row gets the logits and MTP logits it gets alone; without it, the second one
+    sees the first."""
+    from dsv3.data.packing import document_ids
+
     torch.manual_seed(0)
     cfg = tiny_config(bos_token_id=0)
     model = DeepseekV3(cfg).float().eval()
     a, b = [0] + torch.randint(3, 97, (9,)).tolist(), [0] + torch.randint(3, 97, (14,)).tolist()
     row = torch.tensor([a + b])
-    documents = (row == 0).cumsum(1)
+    documents = document_ids(row, 0)
     assert documents.tolist() == [[1] * len(a) + [2] * len(b)]
     with torch.no_grad():
         packed = model.forward_train(row, documents=documents)

@@ -59,6 +59,12 @@ def split_loss_mask(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(masked, -batch - 1, batch), ~masked
 
 
+def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Document number of every token of packed rows [B, T]: a new document starts at each BOS (tokens before
+    a row's first BOS, the tail of a document begun in the row before, are document 0)."""
+    return (tokens == bos_id).cumsum(1)
+
+
 class PackedStream:
     """Fixed-length rows of ``seq_len + 1`` tokens from a stream of token documents.
 

@@ -15,7 +15,7 @@ def heldout_loss(model, batches: list[torch.Tensor], bos_id: int | None = None) 
     packed document (a new one at each BOS), as in training with the document mask."""
     if not batches:
         return float("nan")
-    from ..data.packing import split_loss_mask
+    from ..data.packing import document_ids, split_loss_mask
 
     losses = []
     for b in batches:
@@ -25,7 +25,7 @@ def heldout_loss(model, batches: list[torch.Tensor], bos_id: int | None = None) 
         if bos_id is None:
             logits = model(inputs)
         else:
-            logits = model.forward_train(inputs, mtp=False, documents=(inputs == bos_id).cumsum(1)).logits
+            logits = model.forward_train(inputs, mtp=False, documents=document_ids(inputs, bos_id)).logits
         losses.append(cross_entropy(logits, labels).item())
     return sum(losses) / len(losses)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..data.packing import split_loss_mask
+from ..data.packing import document_ids, split_loss_mask
 from ..model import DeepseekV3
 from ..model.transformer import cross_entropy
 from .balance import max_vio, update_biases
@@ -222,7 +222,7 @@ class Trainer:
 
     def _documents(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Document number of every input token (a new one at each BOS), when attention is kept inside them."""
-        return None if self._doc_bos is None else (inputs == self._doc_bos).cumsum(1)
+        return None if self._doc_bos is None else document_ids(inputs, self._doc_bos)
 
     def _losses(self, batch: torch.Tensor, mtp_lambda: float, global_counts: torch.Tensor | None = None):
         """Main CE, MTP CE (mean over depths), balance term and per-router loads of one micro-batch.
