@@ -10,6 +10,8 @@ the same background load):
       measures (the larger of a big tensor sum and a big tensor copy, read + write) over the bytes a decode
       step must read (the active weights: attention, dense or shared + top-k routed experts, router, norms,
       head, the cache's fp32 copies of W_UK / W_UV; plus the latent cache rows of the average context).
+      The same for an engine with compile=True (torch.compile'd decode step; its warm-up, the first request,
+      is timed separately and excluded; --no-compile skips it).
   (2) aggregate throughput: --concurrency requests (random prompts of --prompt-len, --new-tokens each) added
       at once, against the same requests served one after another; end-to-end time, prefill included.
   (3) speculative decoding on --checkpoint (default runs/demo, `make demo`): held-out math prompts from the
@@ -25,6 +27,7 @@ Writes benchmarks/results/engine.json (--quick: a file in the temp directory unl
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -114,28 +117,42 @@ def median(xs):
 
 
 # ---- the three measurements ---------------------------------------------------------------------------
-def bench_decode(args, model, hf, engine, g) -> dict:
+def bench_decode(args, model, hf, engine, g, compiled: Engine | None = None) -> dict:
     V = model.config.vocab_size
     N = args.new_tokens
     prompt = torch.randint(2, V, (args.prompt_len,), generator=g).tolist()
     with torch.inference_mode():
         engine_decode_timed(engine, prompt, N)  # warm-up
         hf_generate_timed(hf, prompt, N)
-        ours, theirs = [], []
+        if compiled is not None:
+            t0 = time.perf_counter()
+            engine_decode_timed(compiled, prompt, N)  # warm-up: torch.compile of the decode step
+            warmup = time.perf_counter() - t0
+            print(f"compiled engine warm-up (torch.compile): {warmup:.1f} s")
+        ours, theirs, comp = [], [], []
         for _ in range(args.repeats):
             ours.append(engine_decode_timed(engine, prompt, N))
+            if compiled is not None:
+                comp.append(engine_decode_timed(compiled, prompt, N))
             theirs.append(hf_generate_timed(hf, prompt, N))
     t_ours, t_hf = median(r[1] for r in ours), median(r[2] for r in theirs)
     bw = measure_bandwidth(args.bandwidth_mb, 5)
     nbytes = decode_bytes(engine, args.prompt_len + N / 2)
     roofline = bw["roofline_gb_s"] * 1e9 / nbytes["total"]
     tok_s = (N - 1) / t_ours
-    return {"prompt_len": args.prompt_len, "new_tokens": N, "decode_steps_timed": N - 1,
-            "engine_tok_s": tok_s, "hf_tok_s": (N - 1) / t_hf, "ratio": t_hf / t_ours,
-            "engine_times_s": [r[1] for r in ours], "hf_decode_times_s": [r[2] for r in theirs],
-            "leading_tokens_equal": leading_equal(ours[0][0], theirs[0][0]),
-            "bandwidth": bw, "bytes_per_token": nbytes, "roofline_tok_s": roofline,
-            "roofline_fraction": tok_s / roofline}
+    res = {"prompt_len": args.prompt_len, "new_tokens": N, "decode_steps_timed": N - 1,
+           "engine_tok_s": tok_s, "hf_tok_s": (N - 1) / t_hf, "ratio": t_hf / t_ours,
+           "engine_times_s": [r[1] for r in ours], "hf_decode_times_s": [r[2] for r in theirs],
+           "leading_tokens_equal": leading_equal(ours[0][0], theirs[0][0]),
+           "bandwidth": bw, "bytes_per_token": nbytes, "roofline_tok_s": roofline,
+           "roofline_fraction": tok_s / roofline}
+    if compiled is not None:
+        t_comp = median(r[1] for r in comp)
+        res["compiled"] = {"engine_tok_s": (N - 1) / t_comp, "ratio": t_hf / t_comp, "vs_eager": t_ours / t_comp,
+                           "roofline_fraction": (N - 1) / t_comp / roofline, "warmup_s": warmup,
+                           "engine_times_s": [r[1] for r in comp],
+                           "leading_tokens_equal_eager": leading_equal(comp[0][0], ours[0][0])}
+    return res
 
 
 def bench_concurrency(args, engine, g) -> dict:
@@ -165,6 +182,8 @@ def bench_speculative(args) -> dict | None:
     kinds = {"plain": dict(speculative=False), "mtp k=1": dict(speculative=True, num_draft_tokens=1)}
     if args.extra_drafts > 1:
         kinds[f"mtp k={args.extra_drafts}"] = dict(speculative=True, num_draft_tokens=args.extra_drafts)
+    if args.spec_compile:  # the same kinds again with torch.compile'd decode steps (each its own model copy)
+        kinds.update({f"{name} compiled": dict(kw, compile=True) for name, kw in kinds.items()})
     engines = {name: Engine.from_checkpoint(ckpt, max_batch=1, **kw) for name, kw in kinds.items()}
     tok = engines["plain"].tokenizer
     if tok is None:
@@ -180,8 +199,8 @@ def bench_speculative(args) -> dict | None:
         for name, e in engines.items():  # interleaved
             runs[name].append(serve_timed(e, prompts, params, False))
     res: dict = {"checkpoint": str(ckpt), "prompts": len(prompts), "max_tokens": args.spec_max_tokens}
-    base = median(r[1] for r in runs["plain"])
     for name, e in engines.items():
+        base = median(r[1] for r in runs["plain compiled" if name.endswith("compiled") else "plain"])
         st = e.stats
         drafted = st["spec_drafted"] - stats0[name]["spec_drafted"]
         accepted = st["spec_accepted"] - stats0[name]["spec_accepted"]
@@ -205,10 +224,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--spec-prompts", type=int, default=16)
     ap.add_argument("--spec-max-tokens", type=int, default=128)
     ap.add_argument("--extra-drafts", type=int, default=2, help="also time MTP with this many drafts (<= 1: no)")
+    ap.add_argument("--spec-compile", action="store_true",
+                    help="(3) also with compiled engines (compile=True), plain and speculative, each against compiled "
+                         "plain decoding")
     ap.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth test tensor")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes (numbers meaningless)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the compiled engine in (1) (torch.compile warm-up takes a minute or more)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -237,8 +261,11 @@ def main(argv=None) -> dict:
     model, hf = cast(model32, dtype), cast(hf32, dtype)
     del model32, hf32
     engine = Engine(model, speculative=False, max_batch=max(16, args.concurrency))
+    compiled = (Engine(copy.deepcopy(model), speculative=False, max_batch=1, compile=True) if args.compile
+                else None)
 
-    decode = bench_decode(args, model, hf, engine, g)
+    decode = bench_decode(args, model, hf, engine, g, compiled)
+    del compiled
     del hf
     conc = bench_concurrency(args, engine, g)
     spec = bench_speculative(args)
@@ -252,6 +279,12 @@ def main(argv=None) -> dict:
     print(f"| (1) decode b=1, tok/s, vs roofline ({decode['bytes_per_token']['total'] / 1e6:.1f} MB/token at "
           f"{decode['bandwidth']['roofline_gb_s']:.1f} GB/s) | {decode['engine_tok_s']:.1f} | "
           f"{decode['roofline_tok_s']:.1f} | {100 * decode['roofline_fraction']:.0f}% |")
+    comp = decode.get("compiled")
+    if comp:
+        print(f"| (1) compiled engine (compile=True; warm-up {comp['warmup_s']:.0f} s excluded) vs transformers, "
+              f"tok/s | {comp['engine_tok_s']:.1f} | {decode['hf_tok_s']:.1f} | {comp['ratio']:.2f}x |")
+        print(f"| (1) compiled engine vs roofline | {comp['engine_tok_s']:.1f} | {decode['roofline_tok_s']:.1f} | "
+              f"{100 * comp['roofline_fraction']:.0f}% |")
     print(f"| (2) {conc['requests']} concurrent requests vs one by one, tok/s ({conc['new_tokens']} tokens "
           f"each) | {conc['together_tok_s']:.1f} | {conc['one_by_one_tok_s']:.1f} | {conc['ratio']:.2f}x |")
     if spec:
@@ -259,7 +292,8 @@ def main(argv=None) -> dict:
             s = spec[name]
             print(f"| (3) {name} vs plain on {Path(spec['checkpoint']).name}, tok/s (acceptance "
                   f"{100 * s['acceptance_rate']:.0f}%, {s['tokens_per_step']:.2f} tokens/step) | {s['tok_s']:.1f} | "
-                  f"{spec['plain']['tok_s']:.1f} | {s['ratio']:.2f}x |")
+                  f"{spec['plain compiled' if name.endswith('compiled') else 'plain']['tok_s']:.1f} | "
+                  f"{s['ratio']:.2f}x |")
     print(f"\nmedians of {args.repeats} repeats after a warm-up; greedy tokens equal to transformers for the "
           f"first {decode['leading_tokens_equal']}/{args.new_tokens} (random {args.dtype} weights give near-tied "
           f"logits); batched == one by one: {conc['same_tokens']}"

@@ -2,7 +2,9 @@
 
 Measures in one run:
   (a) prefill tokens/s on a batch (default 4 x 256): dsv3 `model(ids)` vs transformers `hf(ids).logits`;
-  (b) batch-1 greedy decode tokens/s (default prompt 32, 64 new tokens): `dsv3.generate` vs `hf.generate`.
+  (b) batch-1 greedy decode tokens/s (default prompt 32, 64 new tokens): `dsv3.generate` vs `hf.generate`,
+      and `dsv3.generate` on a copy of the model with `compile_decode()` (torch.compile; its warm-up, the
+      first generation, is timed separately and excluded from the medians; --no-compile skips it).
       Decode time is measured from the first decode forward (dsv3: the first `forward_cached` call;
       transformers: the first logits-processor call, which happens right after its prefill forward) to the
       end of generation, so prefill is excluded and both sides do N-1 decode forwards + N-1 greedy picks.
@@ -13,7 +15,7 @@ both agree: the number of leading tokens equal, in the benchmark dtype (random w
 so bf16 rounding flips the argmax after a while) and in fp32 (where all should agree).
 
 Usage: python benchmarks/bench_inference.py [--preset small] [--new-tokens 64] [--repeats 5] [--dtype bfloat16]
-                                            [--threads N (default: all cores)]
+                                            [--threads N (default: all cores)] [--no-compile]
 Writes benchmarks/results/inference.json.
 """
 
@@ -159,6 +161,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the compiled-decode row (torch.compile warm-up takes a minute or more)")
     ap.add_argument("--out", default=str(ROOT / "results" / "inference.json"))
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.new_tokens < 2:
@@ -206,12 +210,18 @@ def main(argv=None) -> dict:
     # ---- (b) batch-1 decode ----
     N = args.new_tokens
     prompt = torch.randint(2, V, (args.prompt_len,), generator=g).tolist()
+    compiled = copy.deepcopy(model).compile_decode() if args.compile else None
     with torch.inference_mode():
         dsv3_generate_timed(model, prompt, N)  # warm-up
         hf_generate_timed(hf, prompt, N)
-        runs_ours, runs_hf = [], []
-        for _ in range(args.repeats):  # interleaved so both see the same background load
+        if compiled is not None:  # warm-up: compiles the decode step (prefill stays eager)
+            warmup_compiled = timed(lambda: dsv3_generate_timed(compiled, prompt, N))
+            print(f"compiled decode warm-up (torch.compile): {warmup_compiled:.1f} s")
+        runs_ours, runs_hf, runs_comp = [], [], []
+        for _ in range(args.repeats):  # interleaved so all see the same background load
             runs_ours.append(dsv3_generate_timed(model, prompt, N))
+            if compiled is not None:
+                runs_comp.append(dsv3_generate_timed(compiled, prompt, N))
             runs_hf.append(hf_generate_timed(hf, prompt, N))
     toks_ours, toks_hf = runs_ours[0][0], runs_hf[0][0]
     assert all(r[0] == toks_ours for r in runs_ours) and all(r[0] == toks_hf for r in runs_hf)
@@ -225,6 +235,17 @@ def main(argv=None) -> dict:
               "dsv3_e2e_tok_s": N / e2e_ours, "hf_e2e_tok_s": N / e2e_hf, "e2e_ratio": e2e_hf / e2e_ours,
               "dsv3_decode_times_s": [r[2] for r in runs_ours], "hf_decode_times_s": [r[2] for r in runs_hf],
               "leading_tokens_equal": agree, "dsv3_tokens": toks_ours, "hf_tokens": toks_hf}
+    if compiled is not None:
+        toks_comp = runs_comp[0][0]
+        assert all(r[0] == toks_comp for r in runs_comp)
+        dec_comp = statistics.median(r[2] for r in runs_comp)
+        e2e_comp = statistics.median(r[1] for r in runs_comp)
+        decode["compiled"] = {
+            "dsv3_tok_s": (N - 1) / dec_comp, "ratio": dec_hf / dec_comp, "vs_eager": dec_ours / dec_comp,
+            "dsv3_e2e_tok_s": N / e2e_comp, "e2e_ratio": e2e_hf / e2e_comp, "warmup_s": warmup_compiled,
+            "dsv3_decode_times_s": [r[2] for r in runs_comp], "dsv3_tokens": toks_comp,
+            "leading_tokens_equal_eager": leading_equal(toks_comp, toks_ours),
+            "leading_tokens_equal_hf": leading_equal(toks_comp, toks_hf)}
     load_after = loadavg()
     # the same check in fp32, where the two implementations should agree on every token
     if dtype == torch.float32:
@@ -244,10 +265,20 @@ def main(argv=None) -> dict:
           f"{decode['dsv3_tok_s']:.1f} | {decode['hf_tok_s']:.1f} | {decode['ratio']:.2f}x |")
     print(f"| generate b=1, {N} tokens end-to-end (prefill included) | {decode['dsv3_e2e_tok_s']:.1f} | "
           f"{decode['hf_e2e_tok_s']:.1f} | {decode['e2e_ratio']:.2f}x |")
+    comp = decode.get("compiled")
+    if comp:
+        print(f"| decode b=1, compiled (`compile_decode()`; warm-up {comp['warmup_s']:.0f} s excluded) | "
+              f"{comp['dsv3_tok_s']:.1f} | {decode['hf_tok_s']:.1f} | {comp['ratio']:.2f}x |")
+        print(f"| generate b=1 end-to-end, compiled decode | {comp['dsv3_e2e_tok_s']:.1f} | "
+              f"{decode['hf_e2e_tok_s']:.1f} | {comp['e2e_ratio']:.2f}x |")
     print(f"\nmedian of {args.repeats} repeats after a warm-up; prefill max |logit diff| = {diff:.3g}")
     ms = lambda ts: "/".join(f"{1e3 * t / (N - 1):.1f}" for t in (min(ts), statistics.median(ts), max(ts)))  # noqa: E731
     print(f"decode ms/token min/median/max: dsv3 {ms(decode['dsv3_decode_times_s'])}, "
-          f"transformers {ms(decode['hf_decode_times_s'])}")
+          + (f"dsv3 compiled {ms(comp['dsv3_decode_times_s'])}, " if comp else "")
+          + f"transformers {ms(decode['hf_decode_times_s'])}")
+    if comp:
+        print(f"compiled vs eager dsv3 decode: {comp['vs_eager']:.2f}x; greedy tokens equal to eager for the first "
+              f"{comp['leading_tokens_equal_eager']}/{N} (summation order differs)")
     print(f"greedy agreement ({args.dtype}): {agree}/{N} leading tokens equal"
           + ("" if agree == N else f" (first difference at new token {agree}; random weights give near-tied "
                                    "logits, so rounding differences flip the argmax)"))

@@ -106,12 +106,16 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
         N, k = idx.shape
+        if torch.compiler.is_compiling() and (N * k <= 256 or not _grouped_mm_ok(x)):
+            return self._gathered(x, weights, idx)  # compiled decoding: few tokens, no host reads
         if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return self._one_token(x, weights, idx)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token slots sorted by expert
         token = order // k
-        counts = torch.bincount(flat, minlength=self.n)
+        # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
+        # would break a torch.compile graph)
+        counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
         out = expert_ffn(x[token], counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
@@ -125,6 +129,22 @@ class Experts(nn.Module):
         a = (F.silu(g) * u).unbind(0)  # k x [inter]
         y = torch.stack([torch.mv(self.down_proj[e], a_e) for e, a_e in zip(ids, a)])  # [k, H]
         return torch.mm(weights, y.float())  # [1, H]: the weighted sum, in fp32 (router weights are fp32)
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The path torch.compile'd decoding takes (few tokens): gather the chosen experts' matrices for every
+        (token, choice) and run each projection as one batched matrix-vector product; no host read of idx (as
+        `_one_token` does) and no data-dependent shapes (as the grouped GEMM's offsets are). For one token this
+        compiled as fast as or faster than the alternatives measured (k index_select + mv calls; a fused gathered
+        multiply-and-sum, which Inductor turns into one horizontal reduction per output row): 175 vs 172 vs
+        195 us for the `small` preset's bf16 experts on 2 threads (eager `_one_token`: 272 us). Copies N*k
+        expert matrices, so it is no path for prefill-sized N. Returns [N, H] in fp32."""
+        N, k = idx.shape
+        ids = idx.reshape(-1)  # [N*k]
+        xs = x.to(self.gate_up_proj.dtype)[:, None, :].expand(N, k, -1).reshape(N * k, -1, 1)  # [N*k, H, 1]
+        h = torch.bmm(self.gate_up_proj[ids], xs).squeeze(-1)  # [N*k, 2 * inter]
+        g, u = h.chunk(2, dim=-1)
+        y = torch.bmm(self.down_proj[ids], (F.silu(g) * u)[:, :, None])  # [N*k, H, 1]
+        return torch.bmm(weights[:, None, :], y.view(N, k, -1).float()).squeeze(1)  # [N, H]: weighted sum, fp32
 
 
 class MoE(nn.Module):

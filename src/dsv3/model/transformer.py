@@ -100,6 +100,7 @@ class DeepseekV3(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
+        self._compiled = None  # (forward_cached body, forward_mtp_cached body) after compile_decode()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not self.lm_head.weight.is_meta:
@@ -244,17 +245,15 @@ class DeepseekV3(nn.Module):
             cache.absorbed = [layer.self_attn.absorbed_weights(dtype) for layer in layers]
         return cache
 
-    def _cached_inputs(self, positions: torch.Tensor, max_position: int | None):
-        """The attention mask (or the int L when none is needed) and cos/sin for new tokens at positions."""
+    @staticmethod
+    def _cached_mask(positions: torch.Tensor, max_position: int | None) -> torch.Tensor | int:
+        """The attention mask [B, S, L] for new tokens at positions [B, S], or the int L when none is needed."""
         B, S = positions.shape
         L = (int(positions.max()) if max_position is None else max_position) + 1
         if S == 1 and (B == 1 or bool((positions == L - 1).all())):
-            mask: torch.Tensor | int = L  # every query sees all of slots 0..L-1: no mask to build or apply
-        else:
-            slots = torch.arange(L, device=positions.device)
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
-        cos, sin = self.rotary(positions)
-        return mask, cos, sin
+            return L  # every query sees all of slots 0..L-1: no mask to build or apply
+        slots = torch.arange(L, device=positions.device)
+        return slots[None, None, :] <= positions[:, :, None]  # [B, S, L]
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: "LatentCache",
                        return_hidden: bool = False, max_position: int | None = None):
@@ -264,16 +263,26 @@ class DeepseekV3(nn.Module):
         `max_position` = positions.max(), when the caller knows it, saves reading it back from the device.
         """
         B, S = positions.shape
-        mask, cos, sin = self._cached_inputs(positions, max_position)
-        # one token: every matmul is a matrix-vector product; ATen's kernels beat oneDNN's for all but the head
+        mask = self._cached_mask(positions, max_position)
+        body = self._cached_body
+        if self._compiled:
+            body, input_ids, positions = self._compiled[0], _dense(input_ids), _dense(positions)
+        # one token: every matmul is a matrix-vector product; ATen's kernels beat oneDNN's for all but the head.
+        # The switch stays outside the compiled region (Dynamo cannot trace it); compiled graphs call ATen's
+        # matmuls, which read it when they run.
         with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
-            h = self.model.embed_tokens(input_ids)
-            for i, layer in enumerate(self.layers):
-                absorbed = cache.absorbed[i] if cache.absorbed else None
-                h = layer.forward_absorbed(h, cos, sin, cache.latent[i], positions, mask, absorbed)
-            hidden = self.model.norm(h)
+            hidden = body(input_ids, positions, cache.latent, cache.absorbed, mask)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    def _cached_body(self, input_ids, positions, latents, absorbed, mask):
+        """forward_cached without the head: embedding, rotary, the main layers over the latent cache, final norm.
+        What `compile_decode` compiles; absorbed may be None (then each layer takes W_UK / W_UV from its weight)."""
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_absorbed(h, cos, sin, latents[i], positions, mask, absorbed[i] if absorbed else None)
+        return self.model.norm(h)
 
     def forward_mtp_cached(self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
                            depth: int = 0, max_position: int | None = None):
@@ -286,15 +295,41 @@ class DeepseekV3(nn.Module):
         hidden after shared_head.norm [B, S, H].
         """
         B, S = positions.shape
-        mask, cos, sin = self._cached_inputs(positions, max_position)
+        mask = self._cached_mask(positions, max_position)
         idx = self.config.num_hidden_layers + depth
-        layer = self.model.layers[idx]
         absorbed = cache.absorbed[idx] if cache.absorbed else None
+        body = self._mtp_cached_body
+        if self._compiled:
+            body, input_ids, positions, prev = self._compiled[1], _dense(input_ids), _dense(positions), _dense(prev)
         with native_cpu_gemv(B * S == 1 and positions.device.type == "cpu"):
-            x = layer.combine(self.model.embed_tokens(input_ids), prev)
-            x = layer.forward_absorbed(x, cos, sin, cache.latent[idx], positions, mask, absorbed)
-            hidden = layer.shared_head.norm(x)
+            hidden = body(input_ids, prev, positions, cache.latent[idx], absorbed, mask, idx)
         return self.lm_head(hidden), hidden
+
+    def _mtp_cached_body(self, input_ids, prev, positions, latent, absorbed, mask, idx: int):
+        """forward_mtp_cached without the head (MTP module at model.layers[idx]); what `compile_decode` compiles."""
+        cos, sin = self.rotary(positions)
+        layer = self.model.layers[idx]
+        x = layer.combine(self.model.embed_tokens(input_ids), prev)
+        x = layer.forward_absorbed(x, cos, sin, latent, positions, mask, absorbed)
+        return layer.shared_head.norm(x)
+
+    def compile_decode(self, enable: bool = True, **options) -> "DeepseekV3":
+        """Opt in to torch.compile for the latent-cache decode path (`forward_cached`, `forward_mtp_cached`; so
+        `dsv3.generate`, the engine's decode / verify steps and MTP drafting). Returns self.
+
+        Compiles everything but the output head (and, for one token on CPU, the oneDNN switch around it) with
+        dynamic shapes, so the growing context length does not recompile. The first call of each new kind
+        (batch-1 decode, batched decode, verify, draft) compiles, which takes tens of seconds; results equal
+        eager decoding up to floating-point summation order. Prefill and training stay eager.
+        `options` go to torch.compile (default dynamic=True); enable=False goes back to eager.
+        """
+        if not enable:
+            self._compiled = None
+            return self
+        options = {"dynamic": True, **options}
+        self._compiled = (torch.compile(self._cached_body, **options),
+                          torch.compile(self._mtp_cached_body, **options))
+        return self
 
     def store_mtp_latents(self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
                           depth: int = 0) -> None:
@@ -321,6 +356,12 @@ class DeepseekV3(nn.Module):
         from ..sizing import count_parameters
 
         return count_parameters(self.config)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t with row-major strides, also along size-1 dims (a slice like ids[:, -1:] keeps its parent's stride
+    there), so a compiled graph's stride guards do not recompile for the same shapes."""
+    return t.contiguous().view(-1).view(t.shape)
 
 
 class LatentCache:

@@ -17,6 +17,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: as stored)")
     p.add_argument("--no-speculative", dest="speculative", action="store_false", default=None,
                    help="do not draft tokens with the checkpoint's MTP module (on when it has one)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster tokens after a warm-up of a minute or so")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int, n: bool) -> None:
@@ -70,7 +72,7 @@ def _engine(args, **kwargs):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return Engine.from_checkpoint(args.checkpoint, dtype=dtype, device=args.device, speculative=args.speculative,
-                                  **kwargs)
+                                  compile=args.compile, **kwargs)
 
 
 def _params(args, max_tokens: int | None = None):
