@@ -88,13 +88,73 @@ def _check_problem(p: MathProblem) -> None:
 
 
 def test_solutions_are_correct_and_small():
-    problems = generate_problems(3000, seed=11)
+    problems = generate_problems(3000, seed=11, worked="plain")
     for p in problems:
         _check_problem(p)
     assert {p.steps for p in problems} == {1, 2, 3, 4}
     assert {p.domain for p in problems} == set(DOMAINS)
     ops = {m[2] for p in problems for m in _EQ.finditer(p.solution)}
     assert ops == {"+", "-", "x", "/"}
+
+
+_WORK = re.compile(r"(\d+) ([-+x/]) (\d+) \[([^\]]*)\] = (\d+)")
+
+
+def _read_columns(a: str, op: str, b: str, groups: list[str]) -> int:
+    """The result the digit-by-digit work spells out, checking every group's arithmetic on the way."""
+    assert len(a) == 3 and (len(b) == 3 if op in "+-" else len(b) == 1), (a, b)
+    if op == "/":
+        rem, q = 0, ""
+        for x, g in zip(a, groups):
+            m = re.fullmatch(r"(\d)(\d)/(\d)=(\d)\((\d\d)\)r(\d)", g)
+            assert m and int(m[1]) == rem and m[2] == x and m[3] == b and int(m[5]) == int(m[4]) * int(b), g
+            assert int(m[5]) + int(m[6]) == 10 * rem + int(x) and int(m[6]) < int(b), g
+            rem, q = int(m[6]), q + m[4]
+        assert rem == 0
+        return int(q)
+    carry, digits = 0, ""
+    for i, g in enumerate(groups):
+        x, y = a[2 - i], b[2 - i] if op != "x" else b
+        if op == "-":
+            m = re.fullmatch(r"([01])(\d)-(\d)-([01])=(\d)", g)
+            assert m and (m[2], m[3]) == (x, y) and int(m[4]) == carry, g
+            assert 10 * int(m[1]) + int(x) - int(y) - carry == int(m[5]), g
+            carry, digits = int(m[1]), m[5] + digits
+        elif op == "+":
+            m = re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d\d)", g)
+            assert m and (m[1], m[2]) == (x, y) and int(m[3]) == carry and int(x) + int(y) + carry == int(m[4]), g
+            carry, digits = int(m[4]) // 10, m[4][1] + digits
+        else:
+            m = re.fullmatch(r"(\d)x(\d)=(\d\d)\+(\d)=(\d\d)", g)
+            assert m and (m[1], m[2]) == (x, y) and int(m[3]) == int(x) * int(y) and int(m[4]) == carry, g
+            assert int(m[3]) + carry == int(m[5]), g
+            carry, digits = int(m[5]) // 10, m[5][1] + digits
+    assert carry == 0  # results stay below 1000
+    return int(digits)
+
+
+def test_columns_work():
+    """The default solutions are the plain ones with each equation's digit-by-digit work written out."""
+    columns, plain = generate_problems(2000, seed=11), generate_problems(2000, seed=11, worked="plain")
+    ops = set()
+    for c, p in zip(columns, plain, strict=True):
+        assert (c.question, c.answer, c.steps) == (p.question, p.answer, p.steps)
+        n = 0
+        for line_c, line_p in zip(c.solution.split("\n"), p.solution.split("\n"), strict=True):
+            m = _WORK.search(line_c)
+            if m is None:
+                assert line_c == line_p and line_c.startswith("####")
+                continue
+            n += 1
+            a, op, b, work, r = m.groups()
+            assert _read_columns(a, op, b, work.split(" ")) == int(r), line_c
+            assert line_c.replace(m[0], f"{int(a)} {op} {int(b)} = {r}") == line_p
+            ops.add(op)
+        assert n == c.steps
+    assert ops == {"+", "-", "x", "/"}
+    assert format_example(columns[0]).count("[") == columns[0].steps
+    with pytest.raises(ValueError, match="worked"):
+        generate_problems(1, worked="digits")
 
 
 def test_determinism_and_seeds():
@@ -284,7 +344,7 @@ def test_packing_layout(tok):
     padded = PackedStream(docs, seq_len=5, eos_id=1, bos_id=0, pad_id=2, mode="pad").next_batch(3).tolist()
     assert padded == [[0, 10, 11, 12, 1, 2], [0, 20, 21, 1, 2, 2], [0, 30, 31, 32, 33, 1]]
     stream = PackedStream(math_stream(tok, seed=0), seq_len=32, eos_id=1, bos_id=0)
-    text = tok.decode(stream.next_batch(8).flatten().tolist(), skip_special_tokens=False)
+    text = tok.decode(stream.next_batch(16).flatten().tolist(), skip_special_tokens=False)
     assert text.startswith(f"{BOS}Question: ") and f"{EOS}{BOS}Question: " in text
 
 

@@ -95,6 +95,17 @@ def test_short_run_learns_and_logs_metrics(tmp_path):
     assert any(r.e_score_correction_bias.abs().sum() > 0 for r in routers(model))
 
 
+def test_fit_budget_finishes_the_decay_when_time_runs_out(tmp_path):
+    """--fit-budget: a schedule planned for far more steps than the budget allows still ends at the minimum LR."""
+    a = _args(tmp_path, max_steps=100_000, max_minutes=0.15, fit_budget=True, eval_problems=0, warmup_steps=0)
+    Trainer(a).run()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(recs) < a.max_steps
+    pos, lrs = [r["schedule_step"] for r in recs], [r["lr"] for r in recs]
+    assert pos == sorted(pos) and pos[-1] > 0.9 * a.max_steps  # driven by the clock, not the step count
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1.5 * a.min_lr_ratio * a.lr
+
+
 def test_resume_is_bit_identical(tmp_path):
     Trainer(_args(tmp_path / "a", max_steps=6)).run()
     Trainer(_args(tmp_path / "b", max_steps=6, stop_at=3)).run()
@@ -113,6 +124,8 @@ def test_resume_is_bit_identical(tmp_path):
     (dict(dtype="float16"), "--dtype"),
     (dict(seq_len=2), "--seq-len"),
     (dict(device="gpu"), "--device must be"),
+    (dict(worked="digits"), "--worked"),
+    (dict(fit_budget=True), "--fit-budget needs --max-minutes"),
 ] + ([] if torch.cuda.is_available() else [(dict(device="cuda"), "no CUDA device")]))
 def test_bad_input_fails_before_training(tmp_path, kw, msg):
     with pytest.raises(TrainError, match=msg):

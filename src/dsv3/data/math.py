@@ -5,6 +5,8 @@ short story in one of several domains. Its solution has one line per step that w
 (``She now has 23 + 45 = 68 apples.``) and ends with GSM8K's ``#### <answer>`` line, so a model only ever
 has to do one operation on numbers it can copy from the question or the line above. Every number, operand
 and intermediate result, is an integer in 2..999; multipliers and divisors are single digits (2..9).
+By default each equation also shows its digit-by-digit work (``worked="columns"``, see `equation`):
+``She now has 023 + 045 [3+5+0=08 2+4+0=06 0+0+0=00] = 68 apples.``
 
 Train/test split by content: `content_key` is the sequence of numbers in a question and `split_of` hashes
 it, so a test question, and any rewording of it with other names, domain or phrasing, can never be
@@ -30,6 +32,7 @@ TEST_FRACTION = 0.1  # share of the content-key space that belongs to the test s
 _TEST_BUCKETS = 1000  # split_of: sha256(content key) mod _TEST_BUCKETS < TEST_FRACTION * _TEST_BUCKETS -> test
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "x", "div": "/"}
+WORKED_STYLES = ("columns", "plain")  # how an equation line is written out; see `equation`
 
 
 @dataclass
@@ -51,6 +54,63 @@ def format_prompt(question: str) -> str:
 def format_example(problem: MathProblem) -> str:
     """One training document: the prompt followed by the worked solution."""
     return format_prompt(problem.question) + " " + problem.solution
+
+
+def _check_worked(worked: str) -> None:
+    if worked not in WORKED_STYLES:
+        raise ValueError(f"worked must be one of {WORKED_STYLES}, got {worked!r}")
+
+
+def equation(a: int, op: str, b: int, worked: str = "columns") -> str:
+    """The equation of one step as a solution line writes it.
+
+    ``plain``: ``959 + 18 = 977``. ``columns`` (the default): the numbers padded to three digits, with the
+    digit-by-digit work in brackets before the result, one fixed-width group per column::
+
+        959 + 018 [9+8+0=17 5+1+1=07 9+0+0=09] = 977               units first: x + y + carry = carry, digit
+        093 - 008 [13-8-0=5 09-0-1=8 00-0-0=0] = 85                units first: borrow, x - y - borrow = digit
+        045 x 6 [5x6=30+0=30 4x6=24+3=27 0x6=00+2=02] = 270        units first: x times y, + carry = carry, digit
+        138 / 3 [01/3=0(00)r1 13/3=4(12)r1 18/3=6(18)r0] = 46      hundreds first: remainder and digit / divisor
+                                                                   = quotient (quotient x divisor) r remainder
+
+    Every digit a token needs is then at a fixed distance before it (the operand digits in the padded
+    equation, the carry in the group before), so each token is a one-digit table lookup or a copy rather
+    than a whole 3-digit sum in one go; the result reads the groups' digits back in reverse. Products and
+    quotients write their intermediate product first: adding the carry to a product in the same token, or
+    finding a remainder without the product, were the errors left in 1-step problems without it. On the demo's 2-core budget
+    this is what makes 3-digit arithmetic learnable (README, demo section). ``op`` is add/sub/mul/div.
+    """
+    r = _apply(op, a, b)
+    sym = _SYMBOL[op]
+    if worked == "plain":
+        return f"{a} {sym} {b} = {r}"
+    _check_worked(worked)
+    digits = [int(c) for c in f"{a:03d}"]  # hundreds, tens, units
+    groups = []
+    if op == "div":
+        rem = 0
+        for x in digits:
+            q, new = divmod(10 * rem + x, b)
+            groups.append(f"{rem}{x}/{b}={q}({q * b:02d})r{new}")
+            rem = new
+        return f"{a:03d} / {b} [{' '.join(groups)}] = {r}"
+    other = [int(c) for c in f"{b:03d}"] if op != "mul" else [b] * 3
+    carry = 0
+    for x, y in zip(reversed(digits), reversed(other)):
+        if op == "add":
+            s = x + y + carry
+            groups.append(f"{x}+{y}+{carry}={s:02d}")
+            carry = s // 10
+        elif op == "mul":
+            s = x * y + carry
+            groups.append(f"{x}x{y}={x * y:02d}+{carry}={s:02d}")
+            carry = s // 10
+        else:
+            borrow = int(x - y - carry < 0)
+            groups.append(f"{borrow}{x}-{y}-{carry}={10 * borrow + x - y - carry}")
+            carry = borrow
+    right = f"{b:03d}" if op != "mul" else str(b)
+    return f"{a:03d} {sym} {right} [{' '.join(groups)}] = {r}"
 
 
 # ---- grading ---------------------------------------------------------------------------------------------
@@ -290,7 +350,7 @@ def _sample_operand(rng: random.Random, op: str, v: int) -> int:
     return rng.choice(_divisors(v))
 
 
-def _build(rng: random.Random, steps: int) -> MathProblem:
+def _build(rng: random.Random, steps: int, worked: str) -> MathProblem:
     dom = rng.choice(_DOMAINS)
     gender = rng.choice(("she", "he"))
     pro = _PRONOUNS[gender]
@@ -309,7 +369,7 @@ def _build(rng: random.Random, steps: int) -> MathProblem:
         b = _sample_number(rng, MIN_VALUE, MAX_VALUE - a)
         v = a + b
         sentences.append(say(rng.choice(dom.start_sum), a=a, b=b))
-        lines.append(say(dom.first_line, eq=f"{a} + {b} = {v}"))
+        lines.append(say(dom.first_line, eq=equation(a, "add", b, worked)))
     elif kind == "prod":
         small = rng.randint(2, 9)
         big = _sample_number(rng, 2, MAX_VALUE // small)
@@ -318,7 +378,7 @@ def _build(rng: random.Random, steps: int) -> MathProblem:
         sentences.append(say(rng.choice(dom.start_prod), a=a, b=b))
         # The worked line puts the many-digit factor first whatever the question's order: the 55-minute
         # reference model solved "45 x 6" (3-digit x 1-digit: 12/12) far more often than "6 x 45" (1/9).
-        lines.append(say(dom.first_line, eq=f"{max(a, b)} x {min(a, b)} = {v}"))
+        lines.append(say(dom.first_line, eq=equation(max(a, b), "mul", min(a, b), worked)))
     else:
         # The first op is drawn before the start amount (weighted so that, with the sum/product starts,
         # 1-step problems are about 1/4 each of +, -, x, /), then an amount it applies to.
@@ -335,7 +395,7 @@ def _build(rng: random.Random, steps: int) -> MathProblem:
         n = _sample_operand(rng, op, v)
         r = _apply(op, v, n)
         sentences.append(say(rng.choice(getattr(dom, op)), n=n))
-        lines.append(say(dom.step_line, eq=f"{v} {_SYMBOL[op]} {n} = {r}"))
+        lines.append(say(dom.step_line, eq=equation(v, op, n, worked)))
         v = r
     sentences.append(say(rng.choice(dom.question)))
     lines.append(f"#### {v}")
@@ -380,19 +440,22 @@ def _normalize_steps(steps: int | Sequence[int] | None,
 
 
 def problem_at(index: int, seed: int = 0, split: str = "train", steps: int | Sequence[int] | None = None,
-               step_weights: Mapping[int, float] | Sequence[float] | None = None) -> MathProblem:
+               step_weights: Mapping[int, float] | Sequence[float] | None = None,
+               worked: str = "columns") -> MathProblem:
     """Problem number ``index`` of the stream ``iter_problems(seed, split, ...)``, computed directly."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     choices, weights = _normalize_steps(steps, step_weights)
-    return _problem_at(index, seed, split, choices, weights)
+    _check_worked(worked)
+    return _problem_at(index, seed, split, choices, weights, worked)
 
 
-def _problem_at(index: int, seed: int, split: str, choices: list[int], weights: list[float]) -> MathProblem:
+def _problem_at(index: int, seed: int, split: str, choices: list[int], weights: list[float],
+                worked: str) -> MathProblem:
     for attempt in range(10_000):
         rng = random.Random(f"dsv3-math:{seed}:{split}:{index}:{attempt}")
         k = rng.choices(choices, weights=weights)[0]
-        p = _build(rng, k)
+        p = _build(rng, k, worked)
         if split_of(p.question) == split:
             return p
     raise RuntimeError("could not generate a problem of the requested split")  # pragma: no cover
@@ -400,29 +463,32 @@ def _problem_at(index: int, seed: int, split: str, choices: list[int], weights: 
 
 def iter_problems(seed: int = 0, split: str = "train", steps: int | Sequence[int] | None = None,
                   step_weights: Mapping[int, float] | Sequence[float] | None = None,
-                  start: int = 0) -> Iterator[MathProblem]:
+                  start: int = 0, worked: str = "columns") -> Iterator[MathProblem]:
     """Endless, deterministic stream of problems of one split, beginning at problem number ``start``.
 
     ``steps`` restricts the difficulty (an int or a list of ints in 1..4); ``step_weights`` sets the mix,
-    as ``{steps: weight}`` or a list of 4 weights for 1..4 steps (default: equal weights).
+    as ``{steps: weight}`` or a list of 4 weights for 1..4 steps (default: equal weights). ``worked``
+    chooses how the solutions write each equation (`equation`); the problems are the same either way.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     choices, weights = _normalize_steps(steps, step_weights)
+    _check_worked(worked)
     i = start
     while True:
-        yield _problem_at(i, seed, split, choices, weights)
+        yield _problem_at(i, seed, split, choices, weights, worked)
         i += 1
 
 
 def generate_problems(n: int, seed: int = 0, split: str = "train", steps: int | Sequence[int] | None = None,
-                      step_weights: Mapping[int, float] | Sequence[float] | None = None) -> list[MathProblem]:
-    """The first ``n`` problems of ``iter_problems(seed, split, steps, step_weights)``."""
+                      step_weights: Mapping[int, float] | Sequence[float] | None = None,
+                      worked: str = "columns") -> list[MathProblem]:
+    """The first ``n`` problems of ``iter_problems(seed, split, steps, step_weights, worked=worked)``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    it = iter_problems(seed, split, steps, step_weights)
+    it = iter_problems(seed, split, steps, step_weights, worked=worked)
     return [next(it) for _ in range(n)]
 
 

@@ -29,14 +29,14 @@ class MathStream:
     """
 
     def __init__(self, tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None,
-                 answers_only: bool = False):
+                 answers_only: bool = False, worked: str = "columns"):
         self.tokenizer, self.seed, self.split = tokenizer, seed, split
-        self.steps, self.step_weights, self.answers_only = steps, step_weights, answers_only
-        next(iter_problems(seed, split, steps, step_weights))  # validate the arguments now
+        self.steps, self.step_weights, self.answers_only, self.worked = steps, step_weights, answers_only, worked
+        next(iter_problems(seed, split, steps, step_weights, worked=worked))  # validate the arguments now
 
     def iter_from(self, start: int) -> Iterator[list[int]]:
         eos = self.tokenizer.eos_id
-        for problem in iter_problems(self.seed, self.split, self.steps, self.step_weights, start=start):
+        for problem in iter_problems(self.seed, self.split, self.steps, self.step_weights, start, self.worked):
             ids = self.tokenizer.encode(format_example(problem)) + [eos]
             if self.answers_only:  # the prompt's tokens are an exact prefix of the example's
                 n = len(self.tokenizer.encode(format_prompt(problem.question)))
@@ -48,9 +48,9 @@ class MathStream:
 
 
 def math_stream(tokenizer, seed: int = 0, step_weights=None, split: str = "train", steps=None,
-                answers_only: bool = False) -> MathStream:
+                answers_only: bool = False, worked: str = "columns") -> MathStream:
     """The built-in math corpus as an endless, seekable stream of token lists (each ends with EOS)."""
-    return MathStream(tokenizer, seed, step_weights, split, steps, answers_only)
+    return MathStream(tokenizer, seed, step_weights, split, steps, answers_only, worked)
 
 
 def split_loss_mask(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

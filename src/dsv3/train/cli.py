@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from ..data.math import WORKED_STYLES
 from .trainer import TrainArgs, TrainError
 
 
@@ -59,9 +60,16 @@ def _add_train(sub) -> None:
                    help="built-in corpus mix of 1..4-step problems")
     p.add_argument("--loss-on", choices=["all", "answers"], default="all",
                    help="built-in corpus: train on every token, or only on the worked solutions (SFT-style)")
+    p.add_argument("--worked", choices=list(WORKED_STYLES), default="columns",
+                   help="built-in corpus: write each equation with its digit-by-digit work (columns) or as a bare "
+                        "equation (plain)")
     p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
                    help="let attention cross document boundaries in packed rows (default: each document, which "
                         "starts with BOS, attends only to itself, as prompts do at inference)")
+    p.add_argument("--fit-budget", action="store_true",
+                   help="with --max-minutes: run the LR, MTP and bias schedules on the steps or the elapsed share of "
+                        "the time budget, whichever is further along, so a run the budget stops early has still "
+                        "finished its LR decay (the steps then depend on the machine's speed)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start a fresh run in an --out that holds an earlier one (its metrics and checkpoints are "

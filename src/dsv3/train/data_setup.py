@@ -60,9 +60,9 @@ def build_data(args, cfg: ModelConfig, checkpoint_dir: str | Path | None, rank: 
     if docs is None:
         weights = args.step_weights
         answers_only = args.loss_on == "answers"
-        train = PackedStream(math_stream(tok, seed=args.seed, step_weights=weights, answers_only=answers_only),
-                             **kw, **shard)
-        held = PackedStream(math_stream(tok, seed=args.seed, split="test", answers_only=answers_only), **kw)
+        stream = dict(seed=args.seed, answers_only=answers_only, worked=args.worked)
+        train = PackedStream(math_stream(tok, step_weights=weights, **stream), **kw, **shard)
+        held = PackedStream(math_stream(tok, split="test", **stream), **kw)
         problems = generate_problems(args.eval_problems, seed=args.seed, split="test") if args.eval_problems else None
     else:
         encoded = [tok.encode(d) for d in docs]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..data.math import WORKED_STYLES
 from ..data.packing import document_ids, split_loss_mask
 from ..model import DeepseekV3
 from ..model.transformer import cross_entropy
@@ -51,6 +52,7 @@ class TrainArgs:
     micro_batch_size: int | None = None  # per forward; batch_size / micro_batch_size accumulation steps
     max_steps: int = 1000
     max_minutes: float | None = None
+    fit_budget: bool = False  # with max_minutes: schedules run on steps or time, whichever is further along
     stop_at: int | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -75,6 +77,7 @@ class TrainArgs:
     max_bad_steps: int = 5
     step_weights: list[float] | None = None  # built-in corpus mix over 1..4-step problems
     loss_on: str = "all"  # "answers": built-in corpus only, no loss on the question tokens (SFT-style)
+    worked: str = "columns"  # built-in corpus: how solutions write each equation (dsv3.data.math.equation)
     doc_mask: bool = True  # attention stays inside each packed document (documents start with BOS)
     tensorboard: bool = False
     wandb: bool = False
@@ -104,8 +107,10 @@ class TrainArgs:
         need(self.dtype in ("bfloat16", "float32"), f"--dtype must be bfloat16 or float32, got {self.dtype}")
         need(self.loss_on in ("all", "answers"), f"--loss-on must be 'all' or 'answers', got {self.loss_on!r}")
         need(self.loss_on == "all" or not self.data, "--loss-on answers applies to the built-in math corpus only")
+        need(self.worked in WORKED_STYLES, f"--worked must be one of {WORKED_STYLES}, got {self.worked!r}")
         need(self.stop_at is None or self.stop_at >= 1, "--stop-at must be >= 1")
         need(self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive")
+        need(not self.fit_budget or self.max_minutes, "--fit-budget needs --max-minutes")
         need(self.ep >= 1, f"--ep must be >= 1, got {self.ep}")
         need(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
              f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -194,6 +199,7 @@ class Trainer:
         self.model.train()
         self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
         self.step = 0
+        self.schedule = 0.0  # where the LR / MTP / bias schedules stand, in steps (see _schedule_position)
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         peak_dtype = torch.bfloat16 if self.autocast_dtype else torch.float32
         self.peak = _matmul_peak_flops(peak_dtype, self.device) * self.world
@@ -202,6 +208,7 @@ class Trainer:
         if resume_from is not None:
             st = load_training_state(resume_from, self.opt, self.model)
             self.step = st["step"]
+            self.schedule = float(st.get("schedule", self.step))
             self.data.train.load_state_dict(st["data"])
             if self.is_main:
                 self._truncate_metrics(self.step)
@@ -210,6 +217,7 @@ class Trainer:
         self._loggers = self._external_loggers() if self.is_main else []
         fail = os.environ.get("DSV3_TEST_FAIL")  # "RANK:STEP": that rank raises at that step (tests of failure)
         self._fail_at = tuple(map(int, fail.split(":"))) if fail else None
+        self._schedule_start = self.schedule  # --fit-budget: this process spreads the rest over its budget
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _mtp_on(self, mtp_lambda: float) -> bool:
@@ -266,11 +274,27 @@ class Trainer:
         counts = torch.tensor(rows, dtype=torch.float64, device=self.device)
         return self.par.all_reduce(counts).float()
 
+    def _schedule_position(self) -> float:
+        """The step the schedules are evaluated at: the step itself, or with --fit-budget whichever is further
+        along of the step and the elapsed share of the time budget (mapped onto the steps still to go), so a
+        run the budget stops early has still finished its LR decay, on any machine speed."""
+        pos = float(self.step)
+        a = self.args
+        if a.fit_budget:
+            frac = min(1.0, (time.time() - self.started) / (60 * a.max_minutes))
+            if self.par is not None:  # every rank must use the same LR
+                frac = float(self.par.all_reduce(torch.tensor([frac], device=self.device),
+                                                   torch.distributed.ReduceOp.MAX).item())
+            pos = max(pos, self._schedule_start + (a.max_steps - self._schedule_start) * frac)
+        self.schedule = max(self.schedule, pos)
+        return self.schedule
+
     def train_step(self) -> dict:
         a = self.args
-        lr = lr_at(self.step, a.max_steps, a.lr, a.warmup_steps, a.decay_start, a.min_lr_ratio)
-        lam = mtp_lambda_at(self.step, a.max_steps, a.mtp_lambda, a.mtp_lambda_late, a.mtp_lambda_switch)
-        gamma = bias_gamma_at(self.step, a.max_steps, a.bias_gamma, a.bias_gamma_off)
+        pos = self._schedule_position()
+        lr = lr_at(pos, a.max_steps, a.lr, a.warmup_steps, a.decay_start, a.min_lr_ratio)
+        lam = mtp_lambda_at(pos, a.max_steps, a.mtp_lambda, a.mtp_lambda_late, a.mtp_lambda_switch)
+        gamma = bias_gamma_at(pos, a.max_steps, a.bias_gamma, a.bias_gamma_off)
         for g in self.opt.param_groups:
             g["lr"] = lr
         mb = a.micro_batch_size or a.batch_size  # global: every rank runs mb / world of its sequences
@@ -313,8 +337,9 @@ class Trainer:
         tokens = a.batch_size * a.seq_len
         n_main = self.cfg.num_moe_layers
         vio = [max_vio(c) for c in loads[:n_main]] if loads else []
-        rec = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "mtp_lambda": lam,
-               "bias_gamma": gamma, "tokens_per_s": tokens / dt, "mfu": tokens * self.flops_tok / dt / self.peak,
+        rec = {"step": self.step + 1, **sums, "lr": lr, "schedule_step": pos, "grad_norm": grad_norm,
+               "mtp_lambda": lam, "bias_gamma": gamma, "tokens_per_s": tokens / dt,
+               "mfu": tokens * self.flops_tok / dt / self.peak,
                "max_vio": sum(vio) / len(vio) if vio else 0.0, "max_vio_per_layer": vio,
                "expert_load": [(c / c.sum()).tolist() for c in loads[:n_main]] if loads else [],
                "time": time.time()}
@@ -349,7 +374,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "data": self.data.train.state_dict(), "args": dataclasses.asdict(self.args)}
+        return {"step": self.step, "schedule": self.schedule, "data": self.data.train.state_dict(),
+                "args": dataclasses.asdict(self.args)}
 
     def save(self) -> Path:
         if self.par is not None:  # collective: every rank writes its shards, rank 0 the rest
