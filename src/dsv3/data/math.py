@@ -77,8 +77,9 @@ def equation(a: int, op: str, b: int, worked: str = "columns") -> str:
     equation, the carry in the group before), so each token is a one-digit table lookup or a copy rather
     than a whole 3-digit sum in one go; the result reads the groups' digits back in reverse. Products and
     quotients write their intermediate product first: adding the carry to a product in the same token, or
-    finding a remainder without the product, were the errors left in 1-step problems without it. On the demo's 2-core budget
-    this is what makes 3-digit arithmetic learnable (README, demo section). ``op`` is add/sub/mul/div.
+    finding a remainder without the product, were the errors left in 1-step problems without it. On the
+    demo's 2-core budget this is what makes 3-digit arithmetic learnable (README, demo section). ``op`` is
+    add/sub/mul/div.
     """
     r = _apply(op, a, b)
     sym = _SYMBOL[op]

@@ -126,7 +126,7 @@ class Engine:
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model = model.eval()
-        if compile and model._compiled is None:
+        if compile:
             model.compile_decode()
         self.tokenizer = tokenizer
         self.config = cfg

@@ -326,6 +326,8 @@ class DeepseekV3(nn.Module):
         if not enable:
             self._compiled = None
             return self
+        if self._compiled is not None and not options:
+            return self  # already compiled: keep the graphs
         options = {"dynamic": True, **options}
         self._compiled = (torch.compile(self._cached_body, **options),
                           torch.compile(self._mtp_cached_body, **options))
