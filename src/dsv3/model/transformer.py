@@ -321,14 +321,19 @@ class DeepseekV3(nn.Module):
         dynamic shapes, so the growing context length does not recompile. The first call of each new kind
         (batch-1 decode, batched decode, verify, draft) compiles, which takes tens of seconds; results equal
         eager decoding up to floating-point summation order. Prefill and training stay eager.
-        `options` go to torch.compile (default dynamic=True); enable=False goes back to eager.
+        `options` go to torch.compile (default dynamic=True, and inductor's C++ wrapper on CPU: the generated
+        code then calls its kernels from C++ rather than Python, ~1 ms less per `small` decode step on 2 cores);
+        enable=False goes back to eager.
         """
         if not enable:
             self._compiled = None
             return self
         if self._compiled is not None and not options:
             return self  # already compiled: keep the graphs
-        options = {"dynamic": True, **options}
+        defaults = {"dynamic": True}
+        if self.device.type == "cpu":
+            defaults["options"] = {"cpp_wrapper": True}
+        options = {**defaults, **options}
         self._compiled = (torch.compile(self._cached_body, **options),
                           torch.compile(self._mtp_cached_body, **options))
         return self
