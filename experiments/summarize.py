@@ -1,4 +1,5 @@
-"""Print a markdown table comparing run directories: held-out loss, accuracy by steps, MaxVio."""
+"""Print a markdown table comparing run directories: held-out loss, accuracy by steps (from eval.json when
+there), MaxVio."""
 
 import json
 import sys
@@ -11,8 +12,10 @@ def summarize(run: Path) -> dict:
     ev = [r for r in recs if "eval_loss" in r]
     tail = recs[-50:]
     last = ev[-1] if ev else {}
+    # accuracy: the final `dsv3 eval` (experiments/common.sh writes eval.json), else the last in-training one
+    final = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     return {"run": run.name, "steps": recs[-1]["step"], "eval_loss": last.get("eval_loss"),
-            "by_steps": last.get("eval_by_steps", {}),
+            "by_steps": final.get("by_steps", last.get("eval_by_steps", {})),
             "max_vio_last50": sum(r["max_vio"] for r in tail) / len(tail),
             "tokens_per_s": sorted(r["tokens_per_s"] for r in recs)[len(recs) // 2]}
 

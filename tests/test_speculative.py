@@ -68,6 +68,44 @@ def test_cached_mtp_step_matches_the_training_path():
     torch.testing.assert_close(chunk, ref[:, 9:], atol=1e-4, rtol=0)
 
 
+def test_verify_and_draft_equals_verify_then_draft():
+    """The fused greedy step (one forward: verify two tokens, then the MTP module at both positions, drafting
+    from the last verified one) equals the two separate calls, with the draft accepted in one row and
+    rejected in the other; the caches it writes are the same too."""
+    cfg = tiny_config()
+    model = random_model(cfg, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    n = 9  # tokens 0..8 known, token 8 not fed yet: main and MTP caches hold positions 0..7 after catch-up
+    with torch.no_grad():
+        cache = model.new_cache(2, 16, mtp=True)
+        hidden = model.prefill(ids[:, :8], None, cache, mtp=True)  # main 0..7, MTP 0..6
+        logits, _ = model.forward_mtp_cached(ids[:, 8:9], hidden[:, 7:8], torch.full((2, 1), 7), cache)  # MTP 7
+        # the main model's own token at position n, to draft it right in row 0 and wrong in row 1
+        probe = model.new_cache(2, 16, mtp=True)
+        for a, b in zip(probe.latent, cache.latent):
+            a.copy_(b)
+        g_n = model.forward_cached(ids[:, 8:9], torch.full((2, 1), 8), probe)[:, 0].argmax(-1)
+        d_n = torch.stack((g_n[0], (g_n[1] + 1) % cfg.vocab_size))
+        inp = torch.stack((ids[:, 8], d_n), dim=1)  # [2, 2]
+        pos = torch.tensor([[n - 1, n]] * 2)
+        ref_cache = model.new_cache(2, 16, mtp=True)
+        for a, b in zip(ref_cache.latent, cache.latent):
+            a.copy_(b)
+        logits, picks, last_hidden = model.verify_and_draft(inp, pos, cache)
+        # reference: verify, then the MTP module on the main model's tokens
+        ref_logits, ref_hidden = model.forward_cached(inp, pos, ref_cache, return_hidden=True)
+        target = ref_logits.argmax(-1)
+        mtp_logits, _ = model.forward_mtp_cached(target, ref_hidden, pos, ref_cache)
+    accepted = (target[:, 0] == inp[:, 1]).long()
+    assert accepted.tolist() == [1, 0]
+    nxt = mtp_logits[torch.arange(2), accepted].argmax(-1)
+    assert picks.tolist() == torch.cat((target, accepted[:, None], nxt[:, None]), dim=1).tolist()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(last_hidden, ref_hidden[torch.arange(2), accepted], atol=1e-5, rtol=0)
+    for a, b in zip(cache.latent, ref_cache.latent):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_speculative_greedy_equals_plain_on_a_random_model(k):
     model = random_model(tiny_config(), seed=11)
@@ -79,6 +117,35 @@ def test_speculative_greedy_equals_plain_on_a_random_model(k):
     assert [o.outputs[0].token_ids for o in outs] == dsv3.generate(model, prompts, 15, eos_token_id=None)
     st = eng.stats
     assert st["spec_drafted"] > 0 and st["acceptance_rate"] == st["spec_accepted"] / st["spec_drafted"]
+
+
+def test_drafts_stay_exact_when_steps_switch_between_fused_and_general():
+    """A greedy request drafts in the fused verify step while it runs alone, and through the general path
+    while a sampled request shares its batch. Across both switches every draft it holds is the MTP module's
+    exact prediction (the training path on the tokens so far), so no cache row went stale, and its output is
+    plain greedy."""
+    model = random_model(tiny_config(), seed=21)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(22)
+    prompt, other = (torch.randint(0, V, (n,), generator=g).tolist() for n in (6, 9))
+    eng = Engine(model, num_draft_tokens=1)
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=40, **GREEDY))
+    seq = eng._requests[rid].seqs[0]
+    checked, steps = 0, 0
+    while eng.has_unfinished():
+        if steps == 3:
+            eng.add_request(other, SamplingParams(max_tokens=6, temperature=1.0, seed=5))
+        eng.step()
+        steps += 1
+        if seq.draft is not None and seq.finish_reason is None:
+            with torch.no_grad():  # position n-2 (hidden n-2, token n-1) drafts token n
+                ref = model.forward_train(torch.tensor([seq.tokens])).mtp_logits[0][0, len(seq.tokens) - 2]
+            top = ref.topk(2).values
+            if top[0] - top[1] > 1e-3:  # skip near-ties
+                assert seq.draft == ref.argmax().item()
+                checked += 1
+    assert seq.output == dsv3.generate(model, [prompt], 40, eos_token_id=None)[0]
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -101,13 +168,23 @@ def test_speculative_greedy_with_drafts_accepted_and_rejected(k):
                 forced[b, s, t if i % 3 else (t + 1) % V] = 10.0
         return forced, hidden
 
-    model.forward_mtp_cached = doctored
+    real_fused = model.verify_and_draft
+
+    def doctored_fused(input_ids, positions, cache, max_position=None):  # k = 1: drafts made in the verify step
+        logits, picks, hidden = real_fused(input_ids, positions, cache, max_position)
+        picks = picks.clone()
+        for b, (p, acc) in enumerate(zip(positions[:, 0].tolist(), picks[:, 2].tolist())):
+            i = p + acc  # the last verified position drafts token i + 2
+            picks[b, 3] = truth[i + 2] if i % 3 else (truth[i + 2] + 1) % V
+        return logits, picks, hidden
+
+    model.forward_mtp_cached, model.verify_and_draft = doctored, doctored_fused
     try:
         eng = Engine(model, num_draft_tokens=k)
         out = eng.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0]
         st = eng.stats
     finally:
-        del model.forward_mtp_cached
+        del model.forward_mtp_cached, model.verify_and_draft
     assert out.token_ids == plain
     # replay the schedule: the first draft comes from position len(prompt) - 1, after the prefill's token
     produced, pos, accepted, steps = 1, len(prompt) - 1, 0, 1

@@ -103,6 +103,7 @@ class _Seq:
         self.sent_text = 0
         self.mtp_len = 0  # speculation: MTP latents stored for positions < mtp_len
         self.pending_hidden: torch.Tensor | None = None  # main hiddens at positions mtp_len..len(tokens)-2
+        self.draft: int | None = None  # greedy speculation: the draft of the next token, when already made
 
 
 class Engine:
@@ -380,7 +381,7 @@ class Engine:
     def _preempt(self, s: _Seq) -> None:
         self._running.remove(s)
         self.cache.release(s.blocks)
-        s.blocks, s.pending_hidden, s.mtp_len = [], None, 0
+        s.blocks, s.pending_hidden, s.mtp_len, s.draft = [], None, 0, None
         self._resume.append(s)
         self._resume.sort(key=lambda v: v.age)
         self._counters["preemptions"] += 1
@@ -412,7 +413,12 @@ class Engine:
     def _speculative_step(self, seqs: list[_Seq], touched: dict) -> None:
         cache, k, B = self.cache, self.k, len(seqs)
         params = [s.req.params for s in seqs]
-        rows = None if all(p.greedy and not p.penalised for p in params) else RowParams(params, self.device)
+        greedy = all(p.greedy and not p.penalised for p in params)
+        if greedy and k == 1:
+            return self._greedy_speculative_step(seqs, touched)
+        for s in seqs:
+            s.draft = None  # drafts come from this step's own drafting below
+        rows = None if greedy else RowParams(params, self.device)
         u = uniforms([s.gen for s in seqs], 2 * k + 1, self.device)  # drafts, acceptance, resample
         drafts, q = draft(self.model, cache, seqs, k, rows, u[:, :k])
         # verify: tokens n-1, d_n .. d_{n+k-1} at positions n-1 .. n-1+k in one forward
@@ -443,6 +449,34 @@ class Engine:
             s.mtp_len = starts[b]
         self._counters["spec_drafted"] += B * k
         self._counters["spec_accepted"] += sum(n_acc_l)
+        self._emit(seqs, new, logits, touched)
+
+    def _greedy_speculative_step(self, seqs: list[_Seq], touched: dict) -> None:
+        """k = 1, every sequence greedy: verification and the next draft in one forward
+        (`DeepseekV3.verify_and_draft`), so a step costs one model call, as plain decoding does. Sequences
+        without a draft yet (fresh, resumed, or after a step of the general path) catch up and draft first."""
+        cache = self.cache
+        fresh = [s for s in seqs if s.draft is None]
+        if fresh:
+            drafts, _ = draft(self.model, cache, fresh, 1, None, torch.zeros(len(fresh), 1))
+            for s, d in zip(fresh, drafts[:, 0].tolist()):
+                s.draft = d
+        starts = [len(s.tokens) - 1 for s in seqs]
+        L = max(starts) + 2
+        tables = [s.blocks for s in seqs]
+        slots = [cache.slots(t, (p, p + 1)) for t, p in zip(tables, starts)]
+        view = cache.view(slots, cache.read_index(tables, L), slots)
+        ids = torch.tensor([[s.tokens[-1], s.draft] for s in seqs], device=self.device)
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(2, device=self.device)
+        logits, picks, last_hidden = self.model.verify_and_draft(ids, pos, view, max_position=L - 1)
+        new = []
+        for b, (s, (g0, g1, acc, nxt)) in enumerate(zip(seqs, picks.tolist())):
+            new.append([g0, g1][: 1 + acc])
+            s.draft = nxt
+            # what the general path needs to take over: MTP latents are exact below the last verified position
+            s.pending_hidden, s.mtp_len = last_hidden[b: b + 1].clone(), starts[b] + acc
+        self._counters["spec_drafted"] += len(seqs)
+        self._counters["spec_accepted"] += sum(len(t) - 1 for t in new)
         self._emit(seqs, new, logits, touched)
 
     # ---- outputs --------------------------------------------------------------------------------------

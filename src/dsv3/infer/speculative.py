@@ -11,6 +11,9 @@ The module has its own attention, so it has its own latent cache layer. Its late
 exact once the main hidden there is known, i.e. after verification: each step first stores the latents of
 the positions verified in the previous step ("catch-up"; only the latents, the rest of the module need not
 run there), then drafts. Latents that recursive drafting wrote from its own hidden are overwritten then.
+
+For greedy requests with k = 1 the engine folds drafting into verification instead
+(`DeepseekV3.verify_and_draft`, `Engine._greedy_speculative_step`): one forward per step.
 """
 
 from __future__ import annotations

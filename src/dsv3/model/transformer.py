@@ -100,7 +100,7 @@ class DeepseekV3(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
-        self._compiled = None  # (forward_cached body, forward_mtp_cached body) after compile_decode()
+        self._compiled = None  # the compiled bodies of forward_cached, forward_mtp_cached, verify_and_draft
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not self.lm_head.weight.is_meta:
@@ -313,13 +313,45 @@ class DeepseekV3(nn.Module):
         x = layer.forward_absorbed(x, cos, sin, latent, positions, mask, absorbed)
         return layer.shared_head.norm(x)
 
-    def compile_decode(self, enable: bool = True, **options) -> "DeepseekV3":
-        """Opt in to torch.compile for the latent-cache decode path (`forward_cached`, `forward_mtp_cached`; so
-        `dsv3.generate`, the engine's decode / verify steps and MTP drafting). Returns self.
+    def verify_and_draft(self, input_ids: torch.Tensor, positions: torch.Tensor, cache,
+                         max_position: int | None = None):
+        """One greedy speculative step with one draft, in one forward (what the engine runs when every
+        sequence decodes greedily): the main model verifies, the MTP module drafts the next token.
 
-        Compiles everything but the output head (and, for one token on CPU, the oneDNN switch around it) with
-        dynamic shapes, so the growing context length does not recompile. The first call of each new kind
-        (batch-1 decode, batched decode, verify, draft) compiles, which takes tens of seconds; results equal
+        input_ids [B, 2] = (t_{n-1}, d_n): each sequence's last token and its draft of t_n, at positions
+        [B, 2] = (n-1, n). The main model gives its own tokens g_n, g_{n+1} (argmax); the draft is accepted iff
+        d_n == g_n. The MTP module then runs at both positions (main hiddens there, tokens g_n, g_{n+1}) into
+        its cache layer (cache.latent[num_hidden_layers]) and drafts from the position that is now the last
+        verified one: n when accepted, else n-1 (position n's rows, main and MTP, are then overwritten by the
+        next step). Returns logits [B, 2, V], picks [B, 4] long = (g_n, g_{n+1}, accepted 0/1, next draft),
+        and the main model's final hidden [B, H] at the last verified position (n-1 + accepted).
+        """
+        mask = self._cached_mask(positions, max_position)
+        body = self._verify_draft_body
+        if self._compiled:
+            body, input_ids, positions = self._compiled[2], _dense(input_ids), _dense(positions)
+        return body(input_ids, positions, cache.latent, cache.absorbed, mask)
+
+    def _verify_draft_body(self, input_ids, positions, latents, absorbed, mask):
+        idx = self.config.num_hidden_layers
+        hidden = self._cached_body(input_ids, positions, latents, absorbed, mask)  # [B, 2, H]
+        logits = self.lm_head(hidden)
+        target = logits.argmax(dim=-1)  # [B, 2]
+        accepted = (target[:, 0] == input_ids[:, 1]).long()  # [B]
+        mtp = self._mtp_cached_body(target, hidden, positions, latents[idx], absorbed[idx] if absorbed else None,
+                                    mask, idx)
+        last = accepted[:, None, None].expand(-1, 1, hidden.shape[-1])  # column of the last verified position
+        nxt = self.lm_head(mtp.gather(1, last)).argmax(dim=-1)  # [B, 1]
+        return logits, torch.cat((target, accepted[:, None], nxt), dim=1), hidden.gather(1, last)[:, 0]
+
+    def compile_decode(self, enable: bool = True, **options) -> "DeepseekV3":
+        """Opt in to torch.compile for the latent-cache decode path (`forward_cached`, `forward_mtp_cached`,
+        `verify_and_draft`; so `dsv3.generate`, the engine's decode / verify steps and MTP drafting). Returns self.
+
+        Compiles everything but the output head (`verify_and_draft`, which returns tokens, takes its heads in;
+        for one token on CPU the oneDNN switch stays outside too) with dynamic shapes, so the growing context
+        length does not recompile. The first call of each new kind (batch-1 decode, batched decode, verify,
+        draft, fused verify-and-draft) compiles, which takes tens of seconds; results equal
         eager decoding up to floating-point summation order. Prefill and training stay eager.
         `options` go to torch.compile (default dynamic=True, and inductor's C++ wrapper on CPU: the generated
         code then calls its kernels from C++ rather than Python, ~1 ms less per `small` decode step on 2 cores);
@@ -334,8 +366,8 @@ class DeepseekV3(nn.Module):
         if self.device.type == "cpu":
             defaults["options"] = {"cpp_wrapper": True}
         options = {**defaults, **options}
-        self._compiled = (torch.compile(self._cached_body, **options),
-                          torch.compile(self._mtp_cached_body, **options))
+        self._compiled = tuple(torch.compile(f, **options)
+                               for f in (self._cached_body, self._mtp_cached_body, self._verify_draft_body))
         return self
 
     def store_mtp_latents(self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, cache,
