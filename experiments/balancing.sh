@@ -6,4 +6,4 @@ baseline
 arm exp-bal-auxloss --preset tiny --bias-gamma 0 --balance-alpha 1e-3
 arm exp-bal-none --preset tiny --bias-gamma 0 --balance-alpha 0
 wait
-.venv/bin/python experiments/summarize.py runs/exp-baseline runs/exp-bal-auxloss runs/exp-bal-none
+.venv/bin/python experiments/summarize.py runs/exp-baseline$SFX runs/exp-bal-auxloss$SFX runs/exp-bal-none$SFX

@@ -5,4 +5,4 @@ source "$(dirname "$0")/common.sh"
 baseline
 arm exp-mtp-off --preset tiny --mtp-lambda 0 --mtp-lambda-late 0
 wait
-.venv/bin/python experiments/summarize.py runs/exp-baseline runs/exp-mtp-off
+.venv/bin/python experiments/summarize.py runs/exp-baseline$SFX runs/exp-mtp-off$SFX
