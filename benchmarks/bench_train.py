@@ -5,7 +5,8 @@ matrices only) and fused AdamW over all parameters for transformers (its Trainer
 
 Both models train the main next-token loss only (transformers has no MTP), so dsv3 runs `mtp=False`.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
-matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step.
+matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step, the two sides'
+steps interleaved.
 
 Usage: python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--repeats 3] [--dtype bfloat16]
 """
@@ -30,18 +31,15 @@ from dsv3.train.optim import build_optimizer  # noqa: E402
 from dsv3.train.trainer import _matmul_peak_flops, flops_per_token  # noqa: E402
 
 
-def step_time(loss_fn, opt, batch, autocast: bool, repeats: int) -> list[float]:
-    times = []
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:  # the first step is a warm-up
-            times.append(time.perf_counter() - t)
-    return times
+def train_step(loss_fn, opt, batch, autocast: bool) -> float:
+    """Seconds for one forward + backward + optimizer step."""
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -49,7 +47,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     cfg = ModelConfig.preset(args.preset)
@@ -68,15 +66,22 @@ def main() -> None:
 
     ours_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    t_ours = statistics.median(step_time(ours_loss, ours_opt, batch, autocast, args.repeats))
-    t_hf = statistics.median(step_time(hf_loss, hf_opt, batch, autocast, args.repeats))
+    sides = [(ours_loss, ours_opt), (hf_loss, hf_opt)]
+    for loss_fn, opt in sides:  # warm-up
+        train_step(loss_fn, opt, batch, autocast)
+    times = [[], []]
+    for _ in range(args.repeats):  # interleaved, so both sides see the same background load
+        for t, (loss_fn, opt) in zip(times, sides):
+            t.append(train_step(loss_fn, opt, batch, autocast))
+    t_ours, t_hf = statistics.median(times[0]), statistics.median(times[1])
     tokens = args.batch * args.seq
     peak = _matmul_peak_flops(torch.bfloat16 if autocast else torch.float32)
     fpt = flops_per_token(cfg, args.seq)
     res = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
            "dsv3_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf, "ratio": t_hf / t_ours,
            "dsv3_mfu": tokens * fpt / t_ours / peak, "hf_mfu": tokens * fpt / t_hf / peak,
-           "matmul_peak_tflops": peak / 1e12, "loadavg_before": before, "loadavg_after": loadavg(),
+           "matmul_peak_tflops": peak / 1e12, "dsv3_step_s": times[0], "hf_step_s": times[1],
+           "loadavg_before": before, "loadavg_after": loadavg(),
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"| {args.preset} train step, {args.dtype}, {args.batch}x{args.seq} | tokens/s | MFU |\n|---|---:|---:|")
     print(f"| dsv3 | {res['dsv3_tok_s']:.0f} | {res['dsv3_mfu']:.1%} |")

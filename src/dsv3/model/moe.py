@@ -116,7 +116,8 @@ class Experts(nn.Module):
         # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
         # would break a torch.compile graph)
         counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-        out = expert_ffn(x[token], counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
+        # index_select, not x[token]: its backward is an index_add, ~15x faster on CPU than indexing's index_put
+        out = expert_ffn(x.index_select(0, token), counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
 

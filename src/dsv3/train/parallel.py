@@ -140,7 +140,7 @@ class ExpertParallelExperts(nn.Module):
         recv = all_to_all_single(counts, None, None, self.group).view(self.ep, self.n_local)
         send_splits = counts.view(self.ep, self.n_local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
-        xs = x[token]
+        xs = x.index_select(0, token)  # (backward: index_add, much faster than x[token]'s index_put)
         if torch.is_autocast_enabled(x.device.type):  # send in the compute dtype: half the bytes under bf16
             xs = xs.to(torch.get_autocast_dtype(x.device.type))
         xs = all_to_all_single_autograd(xs, recv_splits, send_splits, self.group)  # [M, H] by (source, expert)
