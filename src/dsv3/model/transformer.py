@@ -326,14 +326,16 @@ class DeepseekV3(nn.Module):
         next step). Returns logits [B, 2, V], picks [B, 4] long = (g_n, g_{n+1}, accepted 0/1, next draft),
         and the main model's final hidden [B, H] at the last verified position (n-1 + accepted).
         """
-        mask = self._cached_mask(positions, max_position)
+        if max_position is None:
+            max_position = int(positions.max())
         body = self._verify_draft_body
         if self._compiled:
             body, input_ids, positions = self._compiled[2], _dense(input_ids), _dense(positions)
-        return body(input_ids, positions, cache.latent, cache.absorbed, mask)
+        return body(input_ids, positions, cache.latent, cache.absorbed, max_position)
 
-    def _verify_draft_body(self, input_ids, positions, latents, absorbed, mask):
+    def _verify_draft_body(self, input_ids, positions, latents, absorbed, max_position: int):
         idx = self.config.num_hidden_layers
+        mask = torch.arange(max_position + 1, device=positions.device) <= positions[:, :, None]  # [B, 2, L]
         hidden = self._cached_body(input_ids, positions, latents, absorbed, mask)  # [B, 2, H]
         logits = self.lm_head(hidden)
         target = logits.argmax(dim=-1)  # [B, 2]
