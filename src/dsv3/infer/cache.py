@@ -140,13 +140,14 @@ class PagedLatentCache:
         return rows.to(self.device)
 
     def view(self, slots: list[list[int]] | None, read: torch.Tensor | slice | None = None,
-             mtp_slots: list[list[int]] | str | None = None) -> PagedView:
-        """A view writing new rows to `slots` [B][S] (main layers) / `mtp_slots` (MTP layers; "same": slots)."""
+             mtp_slots: list[list[int]] | None = None) -> PagedView:
+        """A view writing new rows to `slots` [B][S] (main layers) / `mtp_slots` (MTP layers; the same list
+        object as `slots` shares its tensor)."""
         def t(s):
             return None if s is None else torch.tensor(s, dtype=torch.long, device=self.device)
 
         main = t(slots)
-        return PagedView(self, main, read, main if mtp_slots == "same" else t(mtp_slots))
+        return PagedView(self, main, read, main if mtp_slots is slots else t(mtp_slots))
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.pools)

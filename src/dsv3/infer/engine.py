@@ -464,8 +464,8 @@ class Engine:
         starts = [len(s.tokens) - 1 for s in seqs]
         L = max(starts) + 2
         tables = [s.blocks for s in seqs]
-        view = cache.view([cache.slots(t, (p, p + 1)) for t, p in zip(tables, starts)], cache.read_index(tables, L),
-                          mtp_slots="same")
+        slots = [cache.slots(t, (p, p + 1)) for t, p in zip(tables, starts)]  # main and MTP rows alike
+        view = cache.view(slots, cache.read_index(tables, L), slots)
         ids = torch.tensor([[s.tokens[-1], s.draft] for s in seqs], device=self.device)
         pos = torch.tensor([[p, p + 1] for p in starts], device=self.device)
         logits, picks, last_hidden = self.model.verify_and_draft(ids, pos, view, max_position=L - 1)
