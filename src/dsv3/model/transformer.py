@@ -335,7 +335,7 @@ class DeepseekV3(nn.Module):
 
     def _verify_draft_body(self, input_ids, positions, latents, absorbed, max_position: int):
         idx = self.config.num_hidden_layers
-        mask = torch.arange(max_position + 1, device=positions.device) <= positions[:, :, None]  # [B, 2, L]
+        mask = self._cached_mask(positions, max_position)  # [B, 2, L], built inside the compiled graph
         hidden = self._cached_body(input_ids, positions, latents, absorbed, mask)  # [B, 2, H]
         logits = self.lm_head(hidden)
         target = logits.argmax(dim=-1)  # [B, 2]
@@ -364,10 +364,8 @@ class DeepseekV3(nn.Module):
             return self
         if self._compiled is not None and not options:
             return self  # already compiled: keep the graphs
-        defaults = {"dynamic": True}
-        if self.device.type == "cpu":
-            defaults["options"] = {"cpp_wrapper": True}
-        options = {**defaults, **options}
+        inductor = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        options = {"dynamic": True, **options, "options": {**inductor, **options.get("options", {})}}
         self._compiled = tuple(torch.compile(f, **options)
                                for f in (self._cached_body, self._mtp_cached_body, self._verify_draft_body))
         return self
