@@ -92,3 +92,33 @@ def test_compiled_speculative_engine_matches_eager():
     assert outs[0] == outs[1] == dsv3.generate(model, prompts, 16, eos_token_id=None)
     assert eager.stats["spec_drafted"] == compiled.stats["spec_drafted"] > 0
     assert eager.stats["spec_accepted"] == compiled.stats["spec_accepted"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dsv3.kernels.available(), reason="CPU without AVX512-BF16 or no C++ compiler")
+def test_compiled_bf16_decode_runs_cpu_kernels(monkeypatch):
+    """bf16 on CPU: the compiled graph (C++ wrapper) calls the dsv3 kernels for the linear layers and experts and
+    gives eager's logits to bf16 precision; eager with the kernels off (ATen) agrees too."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = random_model(tiny_config(num_hidden_layers=2), seed=3).bfloat16()
+    compiled = copy.deepcopy(model).compile_decode()
+    with torch.inference_mode():
+        ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+        caches = [model.new_cache(1, 16) for _ in range(3)]
+        for c in caches:
+            model(ids, cache=c)
+        tok = ids[:, -1:]
+        for pos in range(6, 10):
+            p = torch.tensor([[pos]])
+            ref = model.forward_cached(tok, p, caches[0], max_position=pos)
+            got, code = run_and_get_code(compiled.forward_cached, tok, p, caches[1], max_position=pos)
+            if pos == 6:
+                assert "dsv3::gemv" in "".join(code) and "dsv3::grouped_gemv" in "".join(code)
+            monkeypatch.setitem(dsv3.kernels._state, "ok", False)
+            aten = model.forward_cached(tok, p, caches[2], max_position=pos)
+            monkeypatch.undo()
+            scale = ref.float().abs().max().item()
+            torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=0.05 * scale)
+            torch.testing.assert_close(aten.float(), ref.float(), rtol=0, atol=0.05 * scale)
+            tok = ref[:, -1].argmax(-1, keepdim=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, apply_rotary
+from .layers import Linear, RMSNorm, apply_rotary
 
 
 class MLA(nn.Module):
@@ -27,15 +27,15 @@ class MLA(nn.Module):
         self.interleave = cfg.rope_interleave
         qk = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(H, nh * qk, bias=False)
+            self.q_proj = Linear(H, nh * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.rank + self.rope, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, self.rank + self.rope, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(nh * self.v_dim, H, bias=cfg.attention_bias)
 
     def _queries(self, x, cos, sin):
         B, T, _ = x.shape

@@ -1,4 +1,4 @@
-"""RMSNorm, SwiGLU MLP and the (YaRN) rotary embedding."""
+"""RMSNorm, linear layers, SwiGLU MLP and the (YaRN) rotary embedding."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 
 
@@ -46,14 +47,28 @@ def native_cpu_gemv(active: bool = True):
         torch.backends.mkldnn.enabled = True
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose products with at most 4 rows (decoding) run dsv3's CPU kernel in bf16.
+
+    ATen's bf16 matrix-vector product streams the weights at about 12 GB/s per core on the dev VM and oneDNN
+    pays ~25-40 us per call; the kernel reads them at 20-40 GB/s on 2 threads (small preset's decode matrices,
+    benchmarks/bench_engine.py). Anything else (training, prefill, fp32, GPU) is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= 4 * self.in_features and kernels.gemv_ok(x, self.weight):
+            y = kernels.gemv(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and the shared experts."""
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

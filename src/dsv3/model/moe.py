@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .layers import MLP
 
@@ -64,6 +65,12 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
 
 
+def _few_rows(rows: int, x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """Whether `rows` (token, expert) rows of x go to kernels.grouped_gemv: bf16 on CPU with at most 4 rows per
+    expert on average (decode batches); more rows are compute, not bandwidth, and oneDNN's grouped GEMM wins."""
+    return rows <= 4 * gate_up.shape[0] and kernels.gemv_ok(x, gate_up)
+
+
 def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """SwiGLU of rows sorted by expert: xs [M, H], counts [E] rows per expert (sum M), gate_up [E, 2I, H],
     down [E, H, I] -> [M, H]. One grouped GEMM per projection; shared with the expert-parallel wrapper."""
@@ -76,6 +83,10 @@ def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, do
         # their gradients back costs more than the fp32 products it saves (small preset, 2-core Sapphire Rapids: the
         # whole bf16-autocast training step runs 1.9x faster, 253 -> 492 tokens/s in benchmarks/bench_train.py).
         xs = xs.to(gate_up.dtype)
+    if _few_rows(xs.shape[0], xs, gate_up):  # decoding: each chosen expert's weights streamed once by the CPU kernel
+        offs = counts.cumsum(0)
+        g, u = kernels.grouped_gemv(xs, gate_up, offs).chunk(2, dim=-1)
+        return kernels.grouped_gemv(F.silu(g) * u, down, offs)
     if _grouped_mm_ok(xs):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
@@ -106,20 +117,21 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
         N, k = idx.shape
-        if torch.compiler.is_compiling() and (N * k <= 256 or not _grouped_mm_ok(x)):
-            return self._gathered(x, weights, idx)  # compiled decoding: few tokens, no host reads
-        if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            return self._one_token(x, weights, idx)
+        if not _few_rows(N * k, x, self.gate_up_proj):  # (else the sorted path below, with the CPU kernel)
+            if torch.compiler.is_compiling() and (N * k <= 256 or not _grouped_mm_ok(x)):
+                return self._gathered(x, weights, idx)  # compiled decoding: few tokens, no host reads
+            if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+                return self._one_token(x, weights, idx)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # token slots sorted by expert
-        token = order // k
         # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
         # would break a torch.compile graph)
-        counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         # index_select, not x[token]: its backward is an index_add, ~15x faster on CPU than indexing's index_put
-        out = expert_ffn(x.index_select(0, token), counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
-        out = out * weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros(N, x.shape[1], dtype=out.dtype, device=x.device).index_add_(0, token, out)
+        out = expert_ffn(x.index_select(0, order // k), counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+        out = out.index_select(0, unsort).view(N, k, -1)  # back in (token, choice) order: a sum over k, no scatter
+        return (out * weights.to(out.dtype)[..., None]).sum(1)
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Batch-1 decoding on CPU: k matrix-vector products per projection, no sort, grouping or scatter

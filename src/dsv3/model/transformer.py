@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .attention import MLA
-from .layers import MLP, RMSNorm, RotaryEmbedding, native_cpu_gemv
+from .layers import MLP, Linear, RMSNorm, RotaryEmbedding, native_cpu_gemv
 from .moe import Experts, MoE, Router, RoutingStats
 
 
@@ -58,7 +59,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def combine(self, emb: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ class DeepseekV3(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
         self._compiled = None  # the compiled bodies of forward_cached, forward_mtp_cached, verify_and_draft
         if cfg.tie_word_embeddings:
@@ -364,7 +365,10 @@ class DeepseekV3(nn.Module):
             return self
         if self._compiled is not None and not options:
             return self  # already compiled: keep the graphs
-        inductor = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        inductor = {}
+        if self.device.type == "cpu":
+            inductor = {"cpp_wrapper": True}
+            kernels.available()  # build the CPU kernels now, not while Dynamo traces the first call
         options = {"dynamic": True, **options, "options": {**inductor, **options.get("options", {})}}
         self._compiled = tuple(torch.compile(f, **options)
                                for f in (self._cached_body, self._mtp_cached_body, self._verify_draft_body))

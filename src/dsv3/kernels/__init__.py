@@ -1,0 +1,99 @@
+"""Hand-written CPU kernels, compiled on first use with the system C++ compiler against the installed torch.
+
+`gemv` and `grouped_gemv` multiply bf16 weights by a few rows at the speed the weights stream from memory (see
+cpu_gemv.cpp): the products of single-token decoding, the experts of a small decode batch, MTP verification.
+The library is built once per (source, torch, compiler flags) into ~/.cache/dsv3/kernels (or
+$DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`; the ops are `torch.ops.dsv3.gemv` / `grouped_gemv`, with
+fake implementations so torch.compile'd graphs can call it. Everything falls back to ATen when the CPU lacks
+AVX512-BF16, no compiler is found, the build fails (one warning), or DSV3_CPU_KERNELS=0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def _build() -> Path:
+    """Compile the library unless a matching one is cached; returns its path."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_FLAGS).encode(),
+                                     sys.version.encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("DSV3_KERNEL_CACHE") or Path.home() / ".cache" / "dsv3" / "kernels")
+    lib = cache / f"cpu_gemv-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    libdir = library_paths()[0]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: concurrent builders are safe
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *_FLAGS, *(f"-I{p}" for p in include_paths()), str(_SOURCE), f"-L{libdir}", "-lc10",
+               "-ltorch_cpu", f"-Wl,-rpath,{libdir}", "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}\n{done.stderr[-2000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+def available() -> bool:
+    """Whether the torch.ops.dsv3 kernels are loaded (building it on the first call)."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" not in _state:
+            ok = os.environ.get("DSV3_CPU_KERNELS", "1") != "0" and sys.platform == "linux" and _cpu_has_avx512_bf16()
+            if ok:
+                try:
+                    torch.ops.load_library(str(_build()))
+                    torch.library.register_fake("dsv3::grouped_gemv")(
+                        lambda x, w, offs: x.new_empty(x.shape[0], w.shape[1]))
+                    torch.library.register_fake("dsv3::gemv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+                except Exception as e:  # a missing compiler or headers must not stop the model from running
+                    warnings.warn(f"dsv3: CPU kernels unavailable, using ATen ({e})", stacklevel=2)
+                    ok = False
+            _state["ok"] = ok
+    return _state["ok"]
+
+
+def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether gemv / grouped_gemv can compute this product: bf16 on CPU, no gradient needed (it has no backward)."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
+
+
+def grouped_gemv(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16, w [E, N, K] bf16, offs [E] cumulative rows per group (ends at M) -> [M, N] bf16:
+    rows of group e times w[e]^T, products summed in fp32."""
+    return torch.ops.dsv3.grouped_gemv(x, w, offs)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16, w [N, K] bf16 -> x w^T [M, N] bf16, products summed in fp32."""
+    return torch.ops.dsv3.gemv(x, w)

@@ -1,0 +1,109 @@
+"""The CPU kernels (dsv3.kernels): exact against fp32 products of the same bf16 numbers, and the model paths that
+use them (Linear, the experts) equal to the ATen paths they replace."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import DeepseekV3, ModelConfig, kernels
+from dsv3.model.layers import Linear
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU without AVX512-BF16 or no C++ compiler")
+
+
+def reference(x, w):
+    """The product in fp32 (bf16 x bf16 products are exact in fp32), rounded to bf16 once."""
+    return F.linear(x.float(), w.float()).bfloat16()
+
+
+def assert_close_bf16(y, ref):
+    """fp32 sums in another order may round to the neighbouring bf16 value: at most one bf16 ulp apart."""
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(4, 32), (7, 100), (160, 512), (513, 256)])  # ragged K and N edges included
+def test_gemv_matches_fp32_product(M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    assert_close_bf16(kernels.gemv(x, w), reference(x, w))
+
+
+@needs_kernels
+def test_grouped_gemv_matches_per_group_products():
+    g = torch.Generator().manual_seed(0)
+    E, N, K = 6, 40, 96
+    counts = [3, 0, 1, 7, 0, 2]  # empty groups and groups longer than the 4-row tile
+    offs = torch.tensor(counts).cumsum(0)
+    x = torch.randn(sum(counts), K, generator=g).bfloat16()
+    w = torch.randn(E, N, K, generator=g).bfloat16()
+    ref = torch.cat([reference(xe, w[e]) for e, xe in enumerate(x.split(counts))])
+    assert_close_bf16(kernels.grouped_gemv(x, w, offs), ref)
+    assert_close_bf16(kernels.grouped_gemv(x, w, offs.to(torch.int32)), ref)  # grouped_mm's offset dtype
+    with pytest.raises(RuntimeError, match="offs must end at M"):
+        kernels.grouped_gemv(x, w, offs - 1)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        kernels.gemv(x.float(), w[0].float())
+
+
+@needs_kernels
+def test_linear_uses_kernel_for_few_rows_only(monkeypatch):
+    lin = Linear(64, 48, bias=True).bfloat16()
+    calls = []
+    monkeypatch.setattr(kernels, "gemv", lambda x, w: calls.append(x.shape) or torch.ops.dsv3.gemv(x, w))
+    x = torch.randn(2, 1, 64).bfloat16()
+    with torch.no_grad():
+        y = lin(x)
+        lin(torch.randn(8, 64).bfloat16())  # more than 4 rows: F.linear
+        lin.float()(torch.randn(1, 64))  # fp32: F.linear
+    assert calls == [(2, 64)]
+    assert_close_bf16(y, (reference(x.view(2, 64), lin.weight.bfloat16()).float() + lin.bias).bfloat16().view(2, 1, 48))
+    lin.bfloat16()
+    lin(x).sum().backward()  # with gradients: F.linear, which has a backward
+    assert calls == [(2, 64)] and lin.weight.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("N", [1, 3, 16])
+def test_experts_with_kernel_equal_aten_path(N, monkeypatch):
+    """The decode-time experts (sorted rows through grouped_gemv) against the same sorted path on ATen's
+    grouped GEMM, both in bf16: the same numbers up to one bf16 rounding per product."""
+    cfg = ModelConfig.preset("tiny")
+    model = DeepseekV3(cfg).bfloat16().eval()
+    experts = next(m for m in model.modules() if m.__class__.__name__ == "Experts")
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, cfg.hidden_size, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok] for _ in range(N)])
+    w = torch.rand(N, cfg.num_experts_per_tok, generator=g)
+    calls = []
+    real = kernels.grouped_gemv
+    monkeypatch.setattr(kernels, "grouped_gemv", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = experts(x, w, idx)
+        assert len(calls) == 2  # gate_up and down
+        monkeypatch.setitem(kernels._state, "ok", False)
+        slow = experts(x, w, idx)  # N == 1: the per-expert mv path; else ATen's grouped GEMM
+    assert len(calls) == 2
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0.02, atol=0.02 * slow.float().abs().max().item())
+
+
+def test_build_failure_falls_back_with_a_warning(tmp_path):
+    """No usable compiler: one warning, available() is False, and the model still runs (on ATen)."""
+    code = ("import warnings, torch; from dsv3 import kernels, DeepseekV3, ModelConfig\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); ok = kernels.available()\n"
+            "m = DeepseekV3(ModelConfig.preset('tiny')).bfloat16().eval()\n"
+            "with torch.no_grad(): m(torch.tensor([[1, 2, 3]]))\n"
+            "print(ok, len(w), kernels._cpu_has_avx512_bf16())")
+    env = {**os.environ, "CXX": "/bin/false", "DSV3_KERNEL_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    ok, n_warnings, has_cpu = out.stdout.split()
+    assert ok == "False"
+    assert n_warnings == ("1" if has_cpu == "True" else "0")
