@@ -6,7 +6,8 @@ matrices only) and fused AdamW over all parameters for transformers (its Trainer
 Both models train the main next-token loss only (transformers has no MTP), so dsv3 runs `mtp=False`.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
 matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step, the two sides'
-steps interleaved.
+steps interleaved. Like `dsv3 train` on CPU, the process keeps freed memory for reuse (`keep_freed_memory`), which
+speeds up both sides.
 
 Usage: python benchmarks/bench_train.py [--preset small] [--batch 4] [--seq 256] [--repeats 3] [--dtype bfloat16]
 """
@@ -28,7 +29,7 @@ from bench_inference import build_models, loadavg  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.model.transformer import cross_entropy  # noqa: E402
 from dsv3.train.optim import build_optimizer  # noqa: E402
-from dsv3.train.trainer import _matmul_peak_flops, flops_per_token  # noqa: E402
+from dsv3.train.trainer import _matmul_peak_flops, flops_per_token, keep_freed_memory  # noqa: E402
 
 
 def train_step(loss_fn, opt, batch, autocast: bool) -> float:
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
+    keep_freed_memory()  # as `dsv3 train` does on CPU; process-wide, so transformers' steps get it too
     cfg = ModelConfig.preset(args.preset)
     ours, hf = build_models(cfg, seed=0)
     ours.train()

@@ -123,6 +123,28 @@ class TrainArgs:
 
 
 @functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse (no mmap for large blocks, no trimming of the heap).
+
+    PyTorch's CPU allocator is malloc, and every activation and gradient of a training step is a fresh large
+    block that glibc maps and unmaps again, so each step pays a page fault for every 4 KB it touches first (a
+    32 MB multiply ran at ~2 GB/s on the dev VM, against ~15 GB/s in memory already mapped). Reusing the heap:
+    +6-23% tokens/s on the `small` training step (pairs of one-thread runs side by side, one per core). The
+    price is that memory freed during the run goes back to the OS only at exit. CPU training calls this; a
+    no-op (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
     """Measured dense matmul throughput of this device (FLOP/s), the MFU denominator."""
     device = torch.device(device)
@@ -161,6 +183,8 @@ class Trainer:
         self.world = self.par.world_size if self.par else 1
         self.is_main = self.par is None or self.par.is_main
         self.device = self.par.device if self.par else _single_device(args.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         mb = args.micro_batch_size or args.batch_size
         if mb % self.world:
             raise TrainError(f"the global micro-batch ({mb} sequences: --micro-batch-size, or --batch-size without "
