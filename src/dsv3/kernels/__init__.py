@@ -3,9 +3,10 @@
 `gemv` and `grouped_gemv` multiply bf16 weights by a few rows at the speed the weights stream from memory (see
 cpu_gemv.cpp): the products of single-token decoding, the experts of a small decode batch, MTP verification.
 The library is built once per (source, torch, compiler flags) into ~/.cache/dsv3/kernels (or
-$DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`; the ops are `torch.ops.dsv3.gemv` / `grouped_gemv`, with
-fake implementations so torch.compile'd graphs can call it. Everything falls back to ATen when the CPU lacks
-AVX512-BF16, no compiler is found, the build fails (one warning), or DSV3_CPU_KERNELS=0.
+$DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`. The ops, `torch.ops.dsv3.gemv` and
+`torch.ops.dsv3.grouped_gemv`, have fake implementations, so torch.compile'd graphs can call them. Everything
+falls back to ATen when the CPU lacks AVX512-BF16, no compiler is found, the build fails (one warning), or
+DSV3_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _build() -> Path:
 
 
 def available() -> bool:
-    """Whether the torch.ops.dsv3 kernels are loaded (building it on the first call)."""
+    """Whether the torch.ops.dsv3 kernels are loaded (building them on the first call)."""
     if "ok" in _state:
         return _state["ok"]
     with _lock:

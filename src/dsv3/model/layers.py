@@ -50,9 +50,9 @@ def native_cpu_gemv(active: bool = True):
 class Linear(nn.Linear):
     """nn.Linear whose products with at most 4 rows (decoding) run dsv3's CPU kernel in bf16.
 
-    ATen's bf16 matrix-vector product streams the weights at about 12 GB/s per core on the dev VM and oneDNN
-    pays ~25-40 us per call; the kernel reads them at 20-40 GB/s on 2 threads (small preset's decode matrices,
-    benchmarks/bench_engine.py). Anything else (training, prefill, fp32, GPU) is F.linear."""
+    ATen's bf16 matrix-vector product reads the weights at ~12 GB/s per core on the dev VM even from cache and
+    oneDNN pays ~25-40 us per call; the kernel runs the `small` preset's decode matrices 2-2.5x faster than
+    either (README, "CPU kernels"). Anything else (training, prefill, fp32, GPU) is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= 4 * self.in_features and kernels.gemv_ok(x, self.weight):
