@@ -8,7 +8,7 @@ import torch
 from hf_oracle import tiny_config
 
 from dsv3 import DeepseekV3, ModelConfig
-from dsv3.model.moe import MoE
+from dsv3.model.moe import MoE, expert_ffn
 from dsv3.train.balance import max_vio, routers, update_biases
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
 from dsv3.train.trainer import TrainArgs, Trainer, TrainError
@@ -49,6 +49,30 @@ def test_balance_loss_matches_hand_computation():
             total += f * p
     assert float(st.balance) == pytest.approx(total / B, rel=1e-6)
     assert st.load.sum() == B * T * k
+
+
+def test_cpu_bf16_autocast_experts_match_fp32():
+    """CPU bf16 training runs the experts as bf16 GEMMs over zero-padded rows per expert (with empty experts and
+    experts longer than the padding): outputs and all gradients equal the fp32 grouped GEMM's to bf16 precision,
+    and the weight gradients are fp32 like the master weights."""
+    g = torch.Generator().manual_seed(0)
+    E, H, inter = 6, 48, 24
+    counts = torch.tensor([10, 0, 70, 5, 0, 15])
+    gate_up = (torch.randn(E, 2 * inter, H, generator=g) * 0.2).requires_grad_()
+    down = (torch.randn(E, H, inter, generator=g) * 0.2).requires_grad_()
+    xs = torch.randn(int(counts.sum()), H, generator=g, requires_grad=True)
+    dy = torch.randn(xs.shape[0], H, generator=g)
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = expert_ffn(xs, counts, gate_up, down)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        (y.float() * dy).sum().backward()
+        grads.append([y.detach().float()] + [t.grad for t in (xs, gate_up, down)])
+        xs.grad = gate_up.grad = down.grad = None
+    for ref, got in zip(*grads):
+        assert got.dtype == torch.float32
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01
 
 
 def test_schedules():
