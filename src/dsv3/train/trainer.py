@@ -147,7 +147,7 @@ def keep_freed_memory() -> bool:
 
 def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
     """Measured dense matmul throughput of this device (FLOP/s), the MFU denominator: the best of 10 (with 3,
-    a busy 2-core VM read anywhere from 0.53 to 1.45 TFLOP/s in bf16 on one afternoon)."""
+    a busy 2-core VM read anywhere from 0.53 to 1.45 TFLOP/s in bf16 within one morning)."""
     device = torch.device(device)
     n = 4096 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
