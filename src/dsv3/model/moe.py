@@ -142,13 +142,21 @@ class _CPUExpertsBF16(torch.autograd.Function):
     def backward(ctx, dy):
         xp, gub, dnb, h, a, dest = ctx.saved_tensors
         dyp = xp.new_zeros(xp.shape[0], dy.shape[1]).index_copy_(0, dest, dy.to(torch.bfloat16))
-        da, ddown = torch.empty_like(a), torch.zeros(dnb.shape, dtype=torch.float32)
+        # weight gradients: written whole for experts with rows, zeroed only for the others (zero-filling the
+        # stacked fp32 gradients cost ~10% of a step)
+        used = {e for e, _ in ctx.segs}
+        idle = [e for e in range(dnb.shape[0]) if e not in used]
+        da, ddown = torch.empty_like(a), torch.empty(dnb.shape, dtype=torch.float32)
+        for e in idle:
+            ddown[e].zero_()
         for e, r in ctx.segs:  # padding rows of dyp are zero: no weight gradient from them
             torch.mm(dyp[r], dnb[e], out=da[r])
             ddown[e] = dyp[r].t() @ a[r]
         g, u = h.chunk(2, dim=-1)
         dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=-1)
-        dx, dgate_up = torch.empty_like(xp), torch.zeros(gub.shape, dtype=torch.float32)
+        dx, dgate_up = torch.empty_like(xp), torch.empty(gub.shape, dtype=torch.float32)
+        for e in idle:
+            dgate_up[e].zero_()
         for e, r in ctx.segs:
             torch.mm(dh[r], gub[e], out=dx[r])
             dgate_up[e] = dh[r].t() @ xp[r]
