@@ -4,6 +4,7 @@ grouped GEMMs over tokens sorted by expert, shared experts, and the load statist
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,11 @@ def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, do
     if torch.is_autocast_enabled(xs.device.type) and xs.device.type != "cpu":
         dt = torch.get_autocast_dtype(xs.device.type)
         xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
-    elif (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-          and gate_up.dtype == torch.float32 and torch.is_grad_enabled()):
+    elif (xs.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+          and torch.get_autocast_dtype("cpu") == torch.bfloat16 and gate_up.dtype == torch.float32):
         return _CPUExpertsBF16.apply(xs, counts.tolist(), gate_up, down)  # CPU bf16 training
     else:
-        xs = xs.to(gate_up.dtype)  # CPU autocast without gradients: the experts stay in the weights' dtype
+        xs = xs.to(gate_up.dtype)  # no autocast, or CPU autocast without gradients: the weights' dtype
     if _few_rows(xs.shape[0], xs, gate_up):  # decoding: each chosen expert's weights streamed once by the CPU kernel
         offs = counts.cumsum(0)
         g, u = kernels.grouped_gemv(xs, gate_up, offs).chunk(2, dim=-1)
@@ -116,11 +117,9 @@ class _CPUExpertsBF16(torch.autograd.Function):
     def forward(ctx, xs, counts: list[int], gate_up, down):
         bf16, pad = torch.bfloat16, _CPUExpertsBF16.PAD
         padded = [-(-c // pad) * pad for c in counts]
-        starts = [0]
-        for p in padded:
-            starts.append(starts[-1] + p)
-        # row i of the sorted rows goes to padded row dest[i]
-        shift = torch.tensor([st - sum(counts[:e]) for e, st in enumerate(starts[:-1])])
+        starts, firsts = list(accumulate(padded, initial=0)), accumulate(counts, initial=0)
+        # row i of the sorted rows (expert e's rows start at firsts[e]) goes to padded row dest[i]
+        shift = torch.tensor([st - first for st, first in zip(starts, firsts)][:-1])
         dest = torch.arange(xs.shape[0]) + torch.repeat_interleave(shift, torch.tensor(counts),
                                                                    output_size=xs.shape[0])
         gub, dnb = gate_up.to(bf16), down.to(bf16)
