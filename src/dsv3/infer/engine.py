@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
 from .cache import PagedLatentCache
 from .detok import Detokenizer
 from .sampling import (
@@ -128,8 +127,7 @@ class Engine:
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model = model.eval()
-        if model.device.type == "cpu":
-            kernels.available()  # build the CPU kernels (once per machine) before the first request, not in it
+        model.prepare_kernels()
         if compile:
             model.compile_decode()
         self.tokenizer = tokenizer

@@ -135,6 +135,7 @@ class _CPUExpertsBF16(torch.autograd.Function):
             torch.mm(a[r], dnb[e].t(), out=y[r])
         ctx.save_for_backward(xp, gub, dnb, h, a, dest)
         ctx.segs, ctx.x_dtype = segs, xs.dtype
+        ctx.idle = [e for e, c in enumerate(counts) if not c]  # experts without rows: zero weight gradients
         return y.index_select(0, dest)
 
     @staticmethod
@@ -143,10 +144,8 @@ class _CPUExpertsBF16(torch.autograd.Function):
         dyp = xp.new_zeros(xp.shape[0], dy.shape[1]).index_copy_(0, dest, dy.to(torch.bfloat16))
         # weight gradients: written whole for experts with rows, zeroed only for the others (zero-filling the
         # stacked fp32 gradients cost ~10% of a step)
-        used = {e for e, _ in ctx.segs}
-        idle = [e for e in range(dnb.shape[0]) if e not in used]
         da, ddown = torch.empty_like(a), torch.empty(dnb.shape, dtype=torch.float32)
-        for e in idle:
+        for e in ctx.idle:
             ddown[e].zero_()
         for e, r in ctx.segs:  # padding rows of dyp are zero: no weight gradient from them
             torch.mm(dyp[r], dnb[e], out=da[r])
@@ -154,7 +153,7 @@ class _CPUExpertsBF16(torch.autograd.Function):
         g, u = h.chunk(2, dim=-1)
         dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=-1)
         dx, dgate_up = torch.empty_like(xp), torch.empty(gub.shape, dtype=torch.float32)
-        for e in idle:
+        for e in ctx.idle:
             dgate_up[e].zero_()
         for e, r in ctx.segs:
             torch.mm(dh[r], gub[e], out=dx[r])

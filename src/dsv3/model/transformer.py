@@ -144,6 +144,12 @@ class DeepseekV3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def prepare_kernels(self) -> None:
+        """Build dsv3's CPU kernels now (once per machine, 10-20 s) if this model decodes with them (bf16 on
+        CPU), rather than inside the first request or compiled call. Cheap when built or not needed."""
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            kernels.available()
+
     # ---- forward --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: "LatentCache | None" = None) -> torch.Tensor:
@@ -365,10 +371,8 @@ class DeepseekV3(nn.Module):
             return self
         if self._compiled is not None and not options:
             return self  # already compiled: keep the graphs
-        inductor = {}
-        if self.device.type == "cpu":
-            inductor = {"cpp_wrapper": True}
-            kernels.available()  # build the CPU kernels now, not while Dynamo traces the first call
+        inductor = {"cpp_wrapper": True} if self.device.type == "cpu" else {}
+        self.prepare_kernels()  # not while Dynamo traces the first call
         options = {"dynamic": True, **options, "options": {**inductor, **options.get("options", {})}}
         self._compiled = tuple(torch.compile(f, **options)
                                for f in (self._cached_body, self._mtp_cached_body, self._verify_draft_body))
