@@ -1,4 +1,5 @@
-# Sourced by the experiment scripts: the `make demo` recipe as a fixed number of steps (equal compute per arm)
+# Sourced by the experiment scripts: session 5's `make demo` recipe (lr 2e-3, 30 warm-up steps, weight decay 0.1;
+# the README's experiment table was measured with it) as a fixed number of steps (equal compute per arm)
 # and `arm NAME ARGS...`, which trains one arm into runs/NAME and evaluates it on held-out problems.
 #   STEPS=1150   optimizer steps per arm (the demo's budget on this 2-core machine: ~1300 steps in 9 minutes)
 #   JOBS=2       train arms two at a time, one thread each, pinned to cores 0 and 1 (faster on 2 cores than
