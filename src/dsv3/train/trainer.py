@@ -122,7 +122,6 @@ class TrainArgs:
                 raise TrainError(f"data path not found: {p}")
 
 
-@functools.lru_cache(maxsize=None)
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse (no mmap for large blocks, no trimming of the heap).
 
@@ -130,8 +129,8 @@ def keep_freed_memory() -> bool:
     block that glibc maps and unmaps again, so each step pays a page fault for every 4 KB it touches first (a
     32 MB multiply ran at ~2 GB/s on the dev VM, against ~15 GB/s in memory already mapped). Reusing the heap:
     +6-23% tokens/s on the `small` training step (pairs of one-thread runs side by side, one per core). The
-    price is that memory freed during the run goes back to the OS only at exit. CPU training calls this; a
-    no-op (False) where the C library is not glibc.
+    price is that memory freed during the run goes back to the OS only at exit. CPU training calls this
+    (again is harmless); a no-op (False) where the C library is not glibc.
     """
     import ctypes
     import ctypes.util
@@ -145,6 +144,7 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+@functools.lru_cache(maxsize=None)
 def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
     """Measured dense matmul throughput of this device (FLOP/s), the MFU denominator: the best of 10 (with 3,
     a busy 2-core VM read anywhere from 0.53 to 1.45 TFLOP/s in bf16 within one morning)."""
