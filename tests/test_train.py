@@ -9,6 +9,7 @@ from hf_oracle import tiny_config
 
 from dsv3 import DeepseekV3, ModelConfig
 from dsv3.model.moe import MoE, expert_ffn
+from dsv3.model.transformer import _BlockwiseCrossEntropy, cross_entropy
 from dsv3.train.balance import max_vio, routers, update_biases
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
 from dsv3.train.trainer import TrainArgs, Trainer, TrainError
@@ -73,6 +74,28 @@ def test_cpu_bf16_autocast_experts_match_fp32():
     for ref, got in zip(*grads):
         assert got.dtype == torch.float32
         assert ((got - ref).norm() / ref.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_cross_entropy_matches_torch(monkeypatch, dtype):
+    """Loss and gradient equal F.cross_entropy on the fp32 logits, ignored labels included, over several blocks."""
+    monkeypatch.setattr(_BlockwiseCrossEntropy, "BLOCK", 3 * 50)  # 3 rows per block: 7 blocks for 20 rows
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 5, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (4, 5), generator=g)
+    labels[0, :3] = labels[2, 4] = -100
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    for reduction in ("mean", "sum"):
+        ours = cross_entropy(ours_in, labels, reduction=reduction)
+        ref = torch.nn.functional.cross_entropy(ref_in.float().reshape(-1, 50), labels.reshape(-1), reduction=reduction)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        (ours * 1.7).backward()
+        (ref * 1.7).backward()
+        assert ours_in.grad.dtype == dtype
+        torch.testing.assert_close(ours_in.grad.float(), ref_in.grad.float(), rtol=1e-6, atol=1e-7)
+        assert (ours_in.grad[0, :3] == 0).all() and (ours_in.grad[2, 4] == 0).all()
+        ours_in.grad = ref_in.grad = None
+    assert cross_entropy(logits, torch.full((4, 5), -100)).isnan()  # nothing to average, as F.cross_entropy
 
 
 def test_schedules():

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..data.math import WORKED_STYLES
@@ -528,8 +527,7 @@ class Trainer:
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return cross_entropy(logits, labels, reduction="sum")
 
 
 def _single_device(name: str) -> torch.device:
