@@ -12,6 +12,11 @@ the same background load):
       head, the cache's fp32 copies of W_UK / W_UV; plus the latent cache rows of the average context).
       The same for an engine with compile=True (torch.compile'd decode step; its warm-up, the first request,
       is timed separately and excluded; --no-compile skips it).
+      The roofline again on --roofline-preset (default `medium`: 2.7 GB of bf16 weights, ~0.5 GB read per
+      token), eager and compiled engines: the small preset's 0.24 GB of weights can stay in a large L3 cache
+      between tokens and its step is mostly fixed per-operation cost, so it says little about how close the
+      engine comes to the memory bandwidth; `medium` streams its weights from memory. The bandwidth is
+      measured before and after its decoding, and the larger of the two is used.
   (2) aggregate throughput: --concurrency requests (random prompts of --prompt-len, --new-tokens each) added
       at once, against the same requests served one after another; end-to-end time, prefill included.
   (3) speculative decoding on --checkpoint (default runs/demo, `make demo`): held-out math prompts from the
@@ -38,7 +43,7 @@ from pathlib import Path
 import torch
 from bench_inference import build_models, cast, cpu_model, hf_generate_timed, leading_equal, loadavg, save_result
 
-from dsv3 import ModelConfig
+from dsv3 import DeepseekV3, ModelConfig
 from dsv3.infer import Engine, SamplingParams
 from dsv3.model.moe import MoE
 
@@ -155,6 +160,38 @@ def bench_decode(args, model, hf, engine, g, compiled: Engine | None = None) -> 
     return res
 
 
+def bench_roofline(args, dtype: torch.dtype) -> dict:
+    """Batch-1 decode of --roofline-preset (random weights) against the memory-bandwidth roofline."""
+    cfg = ModelConfig.preset(args.roofline_preset)
+    torch.manual_seed(args.seed)
+    model = cast(DeepseekV3(cfg).eval(), dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
+    N = args.new_tokens
+    bw_before = measure_bandwidth(args.bandwidth_mb, 5)
+    res: dict = {"preset": args.roofline_preset, "params": sum(p.numel() for p in model.parameters()),
+                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    for name, compile in (("eager", False), ("compiled", True)):
+        if compile and not args.compile:
+            continue
+        engine = Engine(model, speculative=False, max_batch=1, compile=compile)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            engine_decode_timed(engine, prompt, N)  # warm-up (compiled: torch.compile)
+            warmup = time.perf_counter() - t0
+            times = [engine_decode_timed(engine, prompt, N)[1] for _ in range(args.repeats)]
+        res[name] = {"engine_tok_s": (N - 1) / median(times), "engine_times_s": times, "warmup_s": warmup}
+    bw_after = measure_bandwidth(args.bandwidth_mb, 5)
+    bw = max(bw_before, bw_after, key=lambda b: b["roofline_gb_s"])
+    res["bandwidth"], res["bandwidth_before_after_gb_s"] = bw, [bw_before["roofline_gb_s"], bw_after["roofline_gb_s"]]
+    res["bytes_per_token"] = decode_bytes(engine, args.prompt_len + N / 2)
+    res["roofline_tok_s"] = bw["roofline_gb_s"] * 1e9 / res["bytes_per_token"]["total"]
+    for name in ("eager", "compiled"):
+        if name in res:
+            res[name]["roofline_fraction"] = res[name]["engine_tok_s"] / res["roofline_tok_s"]
+    return res
+
+
 def bench_concurrency(args, engine, g) -> dict:
     V = engine.config.vocab_size
     prompts = [torch.randint(2, V, (args.prompt_len,), generator=g).tolist() for _ in range(args.concurrency)]
@@ -228,6 +265,8 @@ def main(argv=None) -> dict:
                     help="(3) also with compiled engines (compile=True), plain and speculative, each against compiled "
                          "plain decoding")
     ap.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth test tensor")
+    ap.add_argument("--roofline-preset", default="medium",
+                    help="preset whose batch-1 decode is also measured against the roofline ('none': skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny sizes (numbers meaningless)")
@@ -237,7 +276,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.new_tokens, args.prompt_len, args.concurrency, args.repeats = "tiny", 6, 8, 3, 1
-        args.spec_prompts, args.spec_max_tokens, args.bandwidth_mb = 2, 12, 64
+        args.spec_prompts, args.spec_max_tokens, args.bandwidth_mb, args.roofline_preset = 2, 12, 64, "tiny"
     if args.repeats < 1 or args.new_tokens < 2 or args.concurrency < 1:
         ap.error("--repeats and --concurrency must be >= 1 and --new-tokens >= 2")
     out = Path(args.out or (Path(tempfile.gettempdir()) / "engine_quick.json" if args.quick
@@ -268,6 +307,8 @@ def main(argv=None) -> dict:
     del compiled
     del hf
     conc = bench_concurrency(args, engine, g)
+    del engine, model
+    roof = None if args.roofline_preset == "none" else bench_roofline(args, dtype)
     spec = bench_speculative(args)
     load_after = loadavg()
 
@@ -285,6 +326,14 @@ def main(argv=None) -> dict:
               f"tok/s | {comp['engine_tok_s']:.1f} | {decode['hf_tok_s']:.1f} | {comp['ratio']:.2f}x |")
         print(f"| (1) compiled engine vs roofline | {comp['engine_tok_s']:.1f} | {decode['roofline_tok_s']:.1f} | "
               f"{100 * comp['roofline_fraction']:.0f}% |")
+    if roof:
+        for name in ("eager", "compiled"):
+            if name in roof:
+                mb, gb_s = roof["bytes_per_token"]["total"] / 1e6, roof["bandwidth"]["roofline_gb_s"]
+                print(f"| (1) {name} engine on {roof['preset']} ({roof['params'] / 1e9:.2f}B parameters) vs roofline "
+                      f"({mb:.1f} MB/token at {gb_s:.1f} GB/s) | {roof[name]['engine_tok_s']:.1f} | "
+                      f"{roof['roofline_tok_s']:.1f} | "
+                      f"{100 * roof[name]['roofline_fraction']:.0f}% |")
     print(f"| (2) {conc['requests']} concurrent requests vs one by one, tok/s ({conc['new_tokens']} tokens "
           f"each) | {conc['together_tok_s']:.1f} | {conc['one_by_one_tok_s']:.1f} | {conc['ratio']:.2f}x |")
     if spec:
@@ -303,7 +352,7 @@ def main(argv=None) -> dict:
 
     result = {"preset": args.preset, "dtype": args.dtype, "machine": machine, "loadavg_before": load_before,
               "loadavg_after": load_after, "repeats": args.repeats, "quick": args.quick, "decode": decode,
-              "concurrency": conc, "speculative": spec}
+              "concurrency": conc, "speculative": spec, "roofline": roof}
     return save_result(out, result, argv)
 
 

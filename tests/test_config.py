@@ -82,6 +82,8 @@ def test_671b_sizes_on_meta_device(v3_path):
 
 def test_small_preset_is_about_106m_and_v2_lite_about_15_7b():
     assert abs(count_parameters(ModelConfig.preset("small"))["params_main"] - 106e6) < 1e6
+    medium = count_parameters(ModelConfig.preset("medium"))
+    assert abs(medium["params_main"] - 1.24e9) < 0.01e9 and abs(medium["params_activated_per_token"] - 0.236e9) < 1e6
     lite = count_parameters(ModelConfig.preset("deepseek-v2-lite"))
     assert abs(lite["params_main"] - 15.7e9) < 0.1e9 and lite["router_bias_buffers"] == 0
 

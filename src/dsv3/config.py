@@ -259,6 +259,15 @@ PRESETS: dict[str, dict] = {
         n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
         routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
     ),
+    # For bandwidth-bound CPU decoding: ~1.24B parameters + 0.11B MTP (2.7 GB in bf16, more than CPU caches hold),
+    # ~0.24B activated per token (6 of 64 routed experts + 1 shared).
+    "medium": dict(
+        vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+        num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=512,
+        kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=1,
+        routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
+    ),
     "deepseek-v3": dict(rope_scaling=_V3_ROPE, initializer_range=0.006,
                         quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                              "weight_block_size": [128, 128]}),
