@@ -12,7 +12,7 @@ the same background load):
       head, the cache's fp32 copies of W_UK / W_UV; plus the latent cache rows of the average context).
       The same for an engine with compile=True (torch.compile'd decode step; its warm-up, the first request,
       is timed separately and excluded; --no-compile skips it).
-      The roofline again on --roofline-preset (default `medium`: 2.7 GB of bf16 weights, ~0.5 GB read per
+      The roofline again on --roofline-preset (default `medium`: 2.7 GB of bf16 weights, ~0.42 GB read per
       token), eager and compiled engines: the small preset's 0.24 GB of weights can stay in a large L3 cache
       between tokens and its step is mostly fixed per-operation cost, so it says little about how close the
       engine comes to the memory bandwidth; `medium` streams its weights from memory. The bandwidth is
