@@ -59,13 +59,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     keep_freed_memory()  # as `dsv3 train` does on CPU; process-wide, so transformers' steps get it too
-    _matmul_peak_flops(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)  # before the steps
+    autocast = args.dtype == "bfloat16"
+    mm_dtype = torch.bfloat16 if autocast else torch.float32
+    _matmul_peak_flops(mm_dtype)  # before the steps (cached)
     cfg = ModelConfig.preset(args.preset)
     ours, hf = build_models(cfg, seed=0)
     ours.train()
     hf.train()
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
-    autocast = args.dtype == "bfloat16"
     before = loadavg()
 
     def ours_loss(b):
@@ -86,9 +87,8 @@ def main() -> None:
             t.append(train_step(loss_fn, opt, batch, autocast))
     t_ours, t_hf = statistics.median(times[0]), statistics.median(times[1])
     tokens = args.batch * args.seq
-    # the larger of the peak measured before the steps (cached) and after them: this VM's bf16 matmul peak reads
-    # either ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
-    mm_dtype = torch.bfloat16 if autocast else torch.float32
+    # the larger of the peak measured before the steps and after them: this VM's bf16 matmul peak reads either
+    # ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
     peak = max(_matmul_peak_flops(mm_dtype), _matmul_peak_flops.__wrapped__(mm_dtype))
     fpt = flops_per_token(cfg, args.seq)
     res = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,

@@ -277,10 +277,11 @@ class Trainer:
                 mtp = sum(cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1))
                 mtp = mtp / len(out.mtp_logits)
         else:
-            main = _ce_sum(out.logits, labels) / global_counts[0]
+            main = cross_entropy(out.logits, labels, reduction="sum") / global_counts[0]
             mtp = torch.zeros((), device=main.device)
             if out.mtp_logits:
-                mtp = sum(_ce_sum(lg, labels[:, k:]) / global_counts[k] for k, lg in enumerate(out.mtp_logits, 1))
+                mtp = sum(cross_entropy(lg, labels[:, k:], reduction="sum") / global_counts[k]
+                          for k, lg in enumerate(out.mtp_logits, 1))
                 mtp = mtp / len(out.mtp_logits)
         routing = out.routing + out.mtp_routing
         balance = sum((r.balance for r in routing), torch.zeros((), device=main.device))
@@ -524,10 +525,6 @@ class Trainer:
             raise KeyboardInterrupt
         return {"step": self.step, "checkpoint": str(ckpt), **{k: v for k, v in last_rec.items()
                                                                 if k.startswith("eval") or k == "loss"}}
-
-
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy(logits, labels, reduction="sum")
 
 
 def _single_device(name: str) -> torch.device:
