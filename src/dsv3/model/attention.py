@@ -11,8 +11,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .layers import Linear, RMSNorm, apply_rotary
+
+
+class _CPUAttention(torch.autograd.Function):
+    """Causal (mask None) or masked attention for CPU training in bf16: SDPA's fused flash forward, and the
+    backward from dsv3's AMX kernel (kernels/cpu_attention.cpp), which ATen's flash backward takes 3-5x as long
+    as at training shapes. v keeps its own head dim: the forward pads it to q's (the flash kernel needs equal dims)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float):
+        dv = v.shape[-1]
+        vp = F.pad(v, (0, q.shape[-1] - dv))
+        # the flash op takes an additive mask in the query's dtype, as SDPA's bool-mask path makes one
+        fmask = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, vp, 0.0, mask is None, attn_mask=fmask, scale=scale)
+        out = out[..., :dv]
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        dq, dk, dv = kernels.attention_backward(grad, q, k, v, out, lse, mask, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 class MLA(nn.Module):
@@ -78,6 +107,13 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, qk]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        if torch.is_grad_enabled() and q.requires_grad and kernels.attention_backward_ok(q, v):
+            o = _CPUAttention.apply(q, k, v, mask, self.scale)
+        else:
+            o = self._sdpa(q, k, v, mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa(self, q, k, v, mask):
         qk = q.shape[-1]
         if self.v_dim < qk:  # equal head dims let SDPA take its fused (flash) kernel: ~2.5x faster on CPU
             v = F.pad(v, (0, qk - self.v_dim))
@@ -85,8 +121,7 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        o = o[..., : self.v_dim]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return o[..., : self.v_dim]
 
     def absorbed_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [nh, nope, rank] and W_UV transposed [nh, rank, v], split out of kv_b_proj.
