@@ -8,7 +8,7 @@ import torch
 from hf_oracle import tiny_config
 
 from dsv3 import DeepseekV3, ModelConfig
-from dsv3.model.moe import MoE, expert_ffn
+from dsv3.model.moe import Experts, MoE, expert_ffn
 from dsv3.model.transformer import _BlockwiseCrossEntropy, cross_entropy
 from dsv3.train.balance import max_vio, routers, update_biases
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
@@ -74,6 +74,32 @@ def test_cpu_bf16_autocast_experts_match_fp32():
     for ref, got in zip(*grads):
         assert got.dtype == torch.float32
         assert ((got - ref).norm() / ref.norm()).item() < 0.01
+
+
+def test_cpu_bf16_autocast_routed_experts_match_fp32():
+    """The same for a whole Experts layer over tokens (k = 3 choices each, experts left idle): the bf16 path
+    gathers tokens straight into the padded per-expert rows and sums each token's k slot gradients in fp32."""
+    g = torch.Generator().manual_seed(1)
+    E, H, inter, N, k = 8, 48, 32, 50, 3
+    experts = Experts(E, H, inter)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(E, 2 * inter, H, generator=g) * 0.2)
+        experts.down_proj.copy_(torch.randn(E, H, inter, generator=g) * 0.2)
+    x = torch.randn(N, H, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(E - 2, generator=g)[:k] for _ in range(N)])  # experts 6 and 7 idle
+    weights = torch.rand(N, k, generator=g, requires_grad=True)
+    dy = torch.randn(N, H, generator=g)
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = experts(x, weights, idx)
+        (y.float() * dy).sum().backward()
+        grads.append([y.detach().float()] + [t.grad for t in (x, weights, experts.gate_up_proj, experts.down_proj)])
+        x.grad = weights.grad = experts.gate_up_proj.grad = experts.down_proj.grad = None
+    for ref, got in zip(*grads):
+        assert got.dtype == torch.float32
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01
+    assert grads[1][3][6:].abs().max() == 0  # idle experts: zero weight gradients
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -72,15 +72,20 @@ def _few_rows(rows: int, x: torch.Tensor, gate_up: torch.Tensor) -> bool:
     return rows <= 4 * gate_up.shape[0] and kernels.gemv_ok(x, gate_up)
 
 
+def _cpu_bf16_training(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """CPU training under bf16 autocast with fp32 master weights: the experts go through _CPUExpertsBF16."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and gate_up.dtype == torch.float32)
+
+
 def expert_ffn(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """SwiGLU of rows sorted by expert: xs [M, H], counts [E] rows per expert (sum M), gate_up [E, 2I, H],
     down [E, H, I] -> [M, H]. One grouped GEMM per projection; shared with the expert-parallel wrapper."""
     if torch.is_autocast_enabled(xs.device.type) and xs.device.type != "cpu":
         dt = torch.get_autocast_dtype(xs.device.type)
         xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
-    elif (xs.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
-          and torch.get_autocast_dtype("cpu") == torch.bfloat16 and gate_up.dtype == torch.float32):
-        return _CPUExpertsBF16.apply(xs, counts.tolist(), gate_up, down)  # CPU bf16 training
+    elif _cpu_bf16_training(xs, gate_up):
+        return _CPUExpertsBF16.apply(xs, None, 1, counts.tolist(), gate_up, down)
     else:
         xs = xs.to(gate_up.dtype)  # no autocast, or CPU autocast without gradients: the weights' dtype
     if _few_rows(xs.shape[0], xs, gate_up):  # decoding: each chosen expert's weights streamed once by the CPU kernel
@@ -109,21 +114,32 @@ class _CPUExpertsBF16(torch.autograd.Function):
     zero rows to a multiple of 64: oneDNN builds (JIT-compiles) a primitive per new matrix shape, ~5 ms each, and
     rows per expert change every step; with the padding a few shapes recur and stay cached (a 600-row GEMM: 6 ms
     at a new size, 0.8 ms cached). Small preset, 4 x 256, 2 cores: +8-10% tokens/s for the whole training step
-    against fp32 grouped GEMMs (in-process A/B), though padding adds ~25% rows."""
+    against fp32 grouped GEMMs (in-process A/B), though padding adds ~25% rows.
+
+    Rows move between layouts once each way: x [R, H] is gathered straight into the padded per-expert layout
+    and the results straight out of it. With `order` (the (token, choice) slots sorted by expert, k choices per
+    token) x holds the tokens and the output the slots in token order, and the backward sums each token's k
+    slot gradients in fp32; without, x holds rows already sorted by expert (expert parallelism) and the output
+    keeps that order."""
 
     PAD = 64
 
     @staticmethod
-    def forward(ctx, xs, counts: list[int], gate_up, down):
-        bf16, pad = torch.bfloat16, _CPUExpertsBF16.PAD
+    def forward(ctx, x, order, k: int, counts: list[int], gate_up, down):
+        bf16, pad, R = torch.bfloat16, _CPUExpertsBF16.PAD, x.shape[0]
+        M = sum(counts)
         padded = [-(-c // pad) * pad for c in counts]
         starts, firsts = list(accumulate(padded, initial=0)), accumulate(counts, initial=0)
-        # row i of the sorted rows (expert e's rows start at firsts[e]) goes to padded row dest[i]
+        # sorted row i (expert e's rows start at firsts[e]) sits at padded row dest[i]
         shift = torch.tensor([st - first for st, first in zip(starts, firsts)][:-1])
-        dest = torch.arange(xs.shape[0]) + torch.repeat_interleave(shift, torch.tensor(counts),
-                                                                   output_size=xs.shape[0])
+        dest = torch.arange(M) + torch.repeat_interleave(shift, torch.tensor(counts), output_size=M)
+        if order is None:
+            rows, source = dest, torch.arange(M)  # output row i: padded row dest[i]; it reads x[i]
+        else:
+            rows, source = torch.empty_like(dest).scatter_(0, order, dest), order // k  # slot s: padded row rows[s]
+        src = torch.full((starts[-1],), R).index_copy_(0, dest, source)  # padded row -> row of x (R: zeros)
+        xp = torch.cat([x.to(bf16), x.new_zeros(1, x.shape[1], dtype=bf16)]).index_select(0, src)
         gub, dnb = gate_up.to(bf16), down.to(bf16)
-        xp = xs.new_zeros(starts[-1], xs.shape[1], dtype=bf16).index_copy_(0, dest, xs.to(bf16))
         segs = [(e, slice(st, st + p)) for e, (st, p) in enumerate(zip(starts, padded)) if p]
         h = xp.new_empty(xp.shape[0], gate_up.shape[1])
         for e, r in segs:
@@ -133,15 +149,15 @@ class _CPUExpertsBF16(torch.autograd.Function):
         y = xp.new_empty(xp.shape[0], down.shape[1])
         for e, r in segs:
             torch.mm(a[r], dnb[e].t(), out=y[r])
-        ctx.save_for_backward(xp, gub, dnb, h, a, dest)
-        ctx.segs, ctx.x_dtype = segs, xs.dtype
+        ctx.save_for_backward(xp, gub, dnb, h, a, rows)
+        ctx.segs, ctx.x_dtype, ctx.k = segs, x.dtype, k
         ctx.idle = [e for e, c in enumerate(counts) if not c]  # experts without rows: zero weight gradients
-        return y.index_select(0, dest)
+        return y.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, dy):
-        xp, gub, dnb, h, a, dest = ctx.saved_tensors
-        dyp = xp.new_zeros(xp.shape[0], dy.shape[1]).index_copy_(0, dest, dy.to(torch.bfloat16))
+        xp, gub, dnb, h, a, rows = ctx.saved_tensors
+        dyp = xp.new_zeros(xp.shape[0], dy.shape[1]).index_copy_(0, rows, dy.to(torch.bfloat16))
         # weight gradients: written whole for experts with rows, zeroed only for the others (zero-filling the
         # stacked fp32 gradients cost ~10% of a step)
         da, ddown = torch.empty_like(a), torch.empty(dnb.shape, dtype=torch.float32)
@@ -152,13 +168,16 @@ class _CPUExpertsBF16(torch.autograd.Function):
             ddown[e] = dyp[r].t() @ a[r]
         g, u = h.chunk(2, dim=-1)
         dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=-1)
-        dx, dgate_up = torch.empty_like(xp), torch.empty(gub.shape, dtype=torch.float32)
+        dxp, dgate_up = torch.empty_like(xp), torch.empty(gub.shape, dtype=torch.float32)
         for e in ctx.idle:
             dgate_up[e].zero_()
         for e, r in ctx.segs:
-            torch.mm(dh[r], gub[e], out=dx[r])
+            torch.mm(dh[r], gub[e], out=dxp[r])
             dgate_up[e] = dh[r].t() @ xp[r]
-        return dx.index_select(0, dest).to(ctx.x_dtype), None, dgate_up, ddown
+        dx = dxp.index_select(0, rows)
+        if ctx.k > 1:  # each token's k slots, summed in fp32
+            dx = dx.view(-1, ctx.k, dx.shape[1]).sum(1, dtype=torch.float32)
+        return dx.to(ctx.x_dtype), None, None, None, dgate_up, ddown
 
 
 class Experts(nn.Module):
@@ -186,10 +205,14 @@ class Experts(nn.Module):
         # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
         # would break a torch.compile graph)
         counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        # index_select, not x[token]: its backward is an index_add, ~15x faster on CPU than indexing's index_put
-        out = expert_ffn(x.index_select(0, order // k), counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
-        out = out.index_select(0, unsort).view(N, k, -1)  # back in (token, choice) order: a sum over k, no scatter
+        if _cpu_bf16_training(x, self.gate_up_proj):  # the gathers and scatters inside, fused with the padding
+            out = _CPUExpertsBF16.apply(x, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
+        else:
+            # index_select, not x[token]: its backward is an index_add, ~15x faster on CPU than indexing's index_put
+            out = expert_ffn(x.index_select(0, order // k), counts, self.gate_up_proj, self.down_proj)  # [N*k, H]
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+            out = out.index_select(0, unsort)  # back in (token, choice) order: a sum over k, no scatter
+        out = out.view(N, k, -1)
         return (out * weights.to(out.dtype)[..., None]).sum(1)
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
