@@ -193,3 +193,35 @@ def test_training_attention_uses_the_kernel(monkeypatch):
         model(x)
     model.float()(x).sum().backward()  # fp32: SDPA
     assert len(calls) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,dim,strided", [(torch.float32, 512, False), (torch.bfloat16, 256, False),
+                                               (torch.bfloat16, 128, True), (torch.float32, 48, False)])
+def test_fused_rms_norm_matches_aten(dtype, dim, strided, monkeypatch):
+    """Training's RMSNorm through the kernel against the F.rms_norm formula it replaces: output, input and weight
+    gradients equal up to fp32 summation order (bf16 x: its gradient within one bf16 rounding), strided rows included
+    (kv_a_layernorm normalises a slice of kv_a_proj's output)."""
+    from dsv3.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(dim)
+    norm = RMSNorm(dim)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim, generator=g) + 0.5)
+    base = torch.randn(3, 17, dim + 16 * strided, generator=g) * 3
+    x = base.to(dtype)[..., :dim].detach().requires_grad_()
+    dy = torch.randn(3, 17, dim, generator=g)
+    calls, results = [], []
+    real = kernels.rms_norm_forward
+    monkeypatch.setattr(kernels, "rms_norm_forward", lambda *a: calls.append(1) or real(*a))
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "rms_norm_ok", lambda x, w, fused=fused: fused)
+        x.grad = norm.weight.grad = None
+        y = norm(x)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, norm.weight.grad))
+    assert len(calls) == 1
+    for got, ref in zip(*results):
+        assert got.dtype == ref.dtype
+        rtol = 1e-6 if got.dtype == torch.float32 else 2 ** -7  # bf16 dx: sums in another order may round one ulp off
+        torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=1e-6 * ref.float().abs().max().item())

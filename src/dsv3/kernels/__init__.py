@@ -4,6 +4,8 @@
 cpu_gemv.cpp): the products of single-token decoding, the experts of a small decode batch, MTP verification.
 `attention_backward` is the backward of training's causal or masked attention in bf16 (cpu_attention.cpp, AMX
 tiles through oneDNN's brgemm): 3-5x faster than ATen's flash-attention backward at training shapes.
+`rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
+(cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes.
 The library is built once per (sources, torch, compiler flags) into ~/.cache/dsv3/kernels (or
 $DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`. The ops, `torch.ops.dsv3.gemv` and
 `torch.ops.dsv3.grouped_gemv`, have fake implementations, so torch.compile'd graphs can call them. Everything
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp")]
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 _lock = threading.Lock()
@@ -117,3 +119,19 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, scale: float):
     """Gradients (dq, dk, dv) of softmax(scale q k^T) v from the forward's out and log-sum-exp lse [B, H, T]:
     causal when mask is None, else mask (bool, broadcastable to [B, H, T, T], True = may attend)."""
     return torch.ops.dsv3.attention_backward(grad_out, q, k, v, out, lse, mask, mask is None, scale)
+
+
+def rms_norm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the fused RMSNorm can train this norm: fp32 or bf16 x on CPU, fp32 weight, dim a multiple of 16."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == torch.float32
+            and x.shape[-1] % 16 == 0 and available())
+
+
+def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
+    """x [R, D] (rows contiguous), w [D] fp32 -> (w * x.dtype(x * rsqrt(mean(x^2) + eps)) [R, D] fp32, rsqrt [R])."""
+    return torch.ops.dsv3.rms_norm_forward(x, w, eps)
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
+    """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above."""
+    return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd)
