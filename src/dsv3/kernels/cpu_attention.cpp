@@ -127,6 +127,33 @@ struct Mask {  // bool [Tq, Tk] of one (batch, head), or none (causal / full)
   int64_t ld = 0;
 };
 
+// Which of keys n .. n + 15 query qi may see: inside Tk, at or before qi when causal, allowed by the mask
+inline __mmask16 visible(int64_t qi, int64_t n, int64_t Tq, int64_t Tk, bool causal, const Mask& mask) {
+  const int64_t cols = std::min<int64_t>(16, Tk - n);
+  if (cols <= 0) return 0;
+  __mmask16 keep = cols == 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  if (causal) {
+    const int64_t allowed = qi - n + 1;  // keys n + j with j < allowed
+    keep &= allowed <= 0 ? 0 : allowed >= 16 ? 0xFFFF : (__mmask16)((1u << allowed) - 1);
+  }
+  if (mask.data && qi < Tq) {
+    __m128i mb = _mm_maskz_loadu_epi8(keep, mask.data + qi * mask.ld + n);
+    keep &= _mm_test_epi8_mask(mb, mb);
+  }
+  return keep;
+}
+
+// [lo, hi): the keys any of queries m0 .. m0 + rows - 1 may see
+std::pair<int64_t, int64_t> key_range(int64_t m0, int64_t rows, int64_t Tk, bool causal, const Mask& mask) {
+  if (!mask.data) return {0, causal ? std::min(Tk, m0 + rows) : Tk};
+  int64_t lo = Tk, hi = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const auto [a, e] = true_span(mask.data + (m0 + i) * mask.ld, Tk);
+    if (a < e) lo = std::min(lo, a), hi = std::max(hi, e);
+  }
+  return {lo, hi};
+}
+
 constexpr int64_t kB = 64;  // queries and keys per tile (128: 10-40% slower at 256-2048 tokens)
 
 void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv,
@@ -184,15 +211,7 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
 
   for (int64_t qb = 0; qb < nqb; ++qb) {
     const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
-    // the key range any of this tile's queries may see
-    int64_t lo = 0, hi = causal ? std::min(Tk, m0 + rows) : Tk;
-    if (mask.data) {
-      lo = Tk, hi = 0;
-      for (int64_t i = 0; i < rows; ++i) {
-        const auto [a, e] = true_span(mask.data + (m0 + i) * mask.ld, Tk);
-        if (a < e) lo = std::min(lo, a), hi = std::max(hi, e);
-      }
-    }
+    const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
     bool first = true;
     for (int64_t t = lo / kB; t * kB < hi; ++t) {
       const int64_t n0 = t * kB;
@@ -204,19 +223,7 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
           __m256i p2[2], ds2[2];
           for (int r = 0; r < 2; ++r) {
             const int64_t row = i + r, qi = m0 + row;
-            __mmask16 keep = 0xFFFF;
-            if (n0 + c + 16 > Tk) keep = Tk - n0 - c <= 0 ? 0 : (__mmask16)((1u << (Tk - n0 - c)) - 1);
-            if (causal) {
-              int64_t allowed = qi - (n0 + c) + 1;  // keys n0 + c + j with j < allowed
-              keep &= allowed <= 0 ? 0 : allowed >= 16 ? 0xFFFF : (__mmask16)((1u << allowed) - 1);
-            }
-            if (mask.data && qi < Tq) {
-              int64_t cols = std::min<int64_t>(16, Tk - n0 - c);
-              if (cols > 0) {
-                __m128i mb = _mm_maskz_loadu_epi8((__mmask16)((1u << cols) - 1), mask.data + qi * mask.ld + n0 + c);
-                keep &= _mm_test_epi8_mask(mb, mb);
-              }
-            }
+            const __mmask16 keep = visible(qi, n0 + c, Tq, Tk, causal, mask);
             __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(S + row * kB + c), vscale, _mm512_set1_ps(L[qi])));
             p = _mm512_maskz_mov_ps(keep, p);
             __m512 dpv = _mm512_loadu_ps(dP + row * kB + c);
@@ -242,6 +249,125 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   store_transposed(dVt, ldg, Tk, Dv, dv, lddv);
 }
 
+// The bool mask broadcast to [B, H, Tq, Tk] with contiguous rows, or undefined
+at::Tensor expanded_mask(const std::optional<at::Tensor>& attn_mask, int64_t B, int64_t H, int64_t Tq, int64_t Tk) {
+  if (!attn_mask.has_value() || !attn_mask->defined()) return {};
+  TORCH_CHECK(attn_mask->scalar_type() == at::kBool, "attention: a bool mask expected");
+  at::Tensor mask = attn_mask->expand({B, H, Tq, Tk});
+  return mask.stride(3) == 1 ? mask : mask.contiguous();
+}
+
+// Forward of one (batch, head), FlashAttention-2 style: per 64-query tile, a running max and sum per row over
+// the visible key tiles, P = exp(scale * S - max) rounded to bf16 for the P V product (as ATen's CPU flash
+// kernel does), out = O / sum and lse = max + log(sum) for the backward.
+void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, Mask mask,
+                  bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
+                  float* lse, int64_t ldl, std::vector<char>& scratch) {
+  const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
+  const int64_t n_bf16 = Tqp * Dq + 2 * Tkp * (Dq + Dv) + kB * kB;
+  const int64_t n_f32 = kB * Dv + kB * kB + 2 * kB;
+  scratch.resize(n_bf16 * 2 + n_f32 * 4 + 128);
+  auto* b = reinterpret_cast<bf16*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(scratch.data()), 64));
+  bf16* Qr = b;                // [Tqp, Dq] queries, zero rows past Tq (A of S)
+  bf16* Kr = Qr + Tqp * Dq;    // [Tkp, Dq] keys, zero rows past Tk
+  bf16* Vr = Kr + Tkp * Dq;    // [Tkp, Dv] values
+  bf16* KTp = Vr + Tkp * Dv;   // per key tile: VNNI of K^T [Dq, kB] (B of S)
+  bf16* Vp = KTp + Tkp * Dq;   // per key tile: VNNI of V [kB, Dv] (B of P V)
+  bf16* Pr = Vp + Tkp * Dv;    // P [kB, kB] bf16 (A of P V)
+  auto* f = reinterpret_cast<float*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(Pr + kB * kB), 64));
+  float* O = f;                // [kB, Dv] unnormalised output of the query tile
+  float* S = O + kB * Dv;      // [kB, kB]
+  float* M = S + kB * kB;      // [kB] running max of scale * S per row
+  float* Lsum = M + kB;        // [kB] running sum of exp(scale * S - max)
+
+  copy_rows(q, ldq, Tq, Tqp, Dq, Qr);
+  copy_rows(k, ldk, Tk, Tkp, Dq, Kr);
+  copy_rows(v, ldv, Tk, Tkp, Dv, Vr);
+  for (int64_t t = 0; t < nkb; ++t) {
+    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq);
+    pack_rows(Vr + t * kB * Dv, Dv, kB, Dv, Vp + t * kB * Dv);
+  }
+  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t qb = 0; qb < nqb; ++qb) {
+    const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
+    const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
+    std::fill(O, O + kB * Dv, 0.f);
+    std::fill(M, M + kB, -INFINITY);
+    std::fill(Lsum, Lsum + kB, 0.f);
+    for (int64_t t = lo / kB; t * kB < hi; ++t) {
+      const int64_t n0 = t * kB;
+      cpublas::brgemm(kB, kB, Dq, Dq, kB, kB, false, Qr + m0 * Dq, KTp + t * kB * Dq, S, true);  // S = Q K^T
+      for (int64_t i = 0; i < kB; ++i) {
+        __m512 s[kB / 16];
+        __mmask16 keep[kB / 16];
+        __m512 mx = ninf;
+        for (int64_t c = 0; c < kB; c += 16) {
+          keep[c / 16] = visible(m0 + i, n0 + c, Tq, Tk, causal, mask);
+          s[c / 16] = _mm512_mask_mov_ps(ninf, keep[c / 16], _mm512_mul_ps(_mm512_loadu_ps(S + i * kB + c), vscale));
+          mx = _mm512_max_ps(mx, s[c / 16]);
+        }
+        const float m_new = std::max(M[i], _mm512_reduce_max_ps(mx));
+        if (m_new == -INFINITY) {  // nothing visible yet in this row
+          std::memset(Pr + i * kB, 0, kB * sizeof(bf16));
+          continue;
+        }
+        const float corr = std::exp(M[i] - m_new);  // 0 when the row had no visible key before
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < kB; c += 16) {
+          __m512 p = _mm512_maskz_mov_ps(keep[c / 16], exp16(_mm512_sub_ps(s[c / 16], _mm512_set1_ps(m_new))));
+          sum = _mm512_add_ps(sum, p);  // in fp32, as ATen's kernel sums: the lse the backward starts from
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pr + i * kB + c), to_bf16(p));
+        }
+        Lsum[i] = Lsum[i] * corr + _mm512_reduce_add_ps(sum);
+        M[i] = m_new;
+        if (corr != 1.f) {
+          const __m512 vc = _mm512_set1_ps(corr);
+          for (int64_t d = 0; d < Dv; d += 16) _mm512_storeu_ps(O + i * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(O + i * Dv + d), vc));
+        }
+      }
+      cpublas::brgemm(kB, Dv, kB, kB, Dv, Dv, true, Pr, Vp + t * kB * Dv, O, true);  // O += P V
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const float l = Lsum[i];
+      const __m512 inv = _mm512_set1_ps(l > 0.f ? 1.f / l : 0.f);
+      for (int64_t d = 0; d < Dv; d += 16)
+        _mm256_storeu_si256((__m256i*)(out + (m0 + i) * ldo + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(O + i * Dv + d), inv)));
+      lse[(m0 + i) * ldl] = l > 0.f ? M[i] + std::log(l) : -INFINITY;
+    }
+  }
+}
+
+// q [B, H, Tq, Dq], k [B, H, Tk, Dq], v [B, H, Tk, Dv] bf16; mask as for the backward. Returns out [B, H, Tq, Dv]
+// (stored [B, Tq, H, Dv], the layout the output projection reads) and lse [B, H, Tq] fp32.
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                     double scale) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
+                "attention_forward: bf16 [B, H, T, D] tensors with contiguous rows expected");
+  }
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(Dq % 16 == 0 && Dv % 16 == 0, "attention_forward: head dims must be multiples of 16");
+  const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
+  at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> scratch;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / H, hi = bh % H;
+      auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
+      Mask m;
+      if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
+      forward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), m, is_causal && !mask.defined(), Tq,
+                   Tk, Dq, Dv, float(scale), out.data_ptr<bf16>() + bi * out.stride(0) + hi * out.stride(1),
+                   out.stride(2), lse.data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1), lse.stride(2),
+                   scratch);
+    }
+    cpublas::brgemm_release(true);
+  });
+  return {out, lse};
+}
+
 // grad_out, out [B, H, Tq, Dv]; q [B, H, Tq, Dq]; k [B, H, Tk, Dq]; v [B, H, Tk, Dv]; lse [B, H, Tq] fp32;
 // mask: bool broadcastable to [B, H, Tq, Tk] (True = may attend) or none. Returns dq, dk, dv laid out as q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
@@ -254,12 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "attention_backward: fp32 lse [B, H, T] expected");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(Dq % 16 == 0 && Dv % 16 == 0, "attention_backward: head dims must be multiples of 16");
-  at::Tensor mask;
-  if (attn_mask.has_value() && attn_mask->defined()) {
-    TORCH_CHECK(attn_mask->scalar_type() == at::kBool, "attention_backward: a bool mask expected");
-    mask = attn_mask->expand({B, H, Tq, Tk});
-    if (mask.stride(3) != 1) mask = mask.contiguous();
-  }
+  const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
@@ -279,15 +400,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   return {dq, dk, dv};
 }
 
-bool attention_backward_supported() { return cpublas::could_pack(at::kBFloat16); }
+bool attention_supported() { return cpublas::could_pack(at::kBFloat16); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
         "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_backward_supported() -> bool");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor)");
+  m.def("attention_supported() -> bool");
 }
 
-TORCH_LIBRARY_IMPL(dsv3, CPU, m) { m.impl("attention_backward", attention_backward); }
-TORCH_LIBRARY_IMPL(dsv3, CompositeExplicitAutograd, m) { m.impl("attention_backward_supported", attention_backward_supported); }
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("attention_forward", attention_forward);
+  m.impl("attention_backward", attention_backward);
+}
+TORCH_LIBRARY_IMPL(dsv3, CompositeExplicitAutograd, m) { m.impl("attention_supported", attention_supported); }

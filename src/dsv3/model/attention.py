@@ -17,19 +17,13 @@ from .layers import Linear, RMSNorm, apply_rotary
 
 
 class _CPUAttention(torch.autograd.Function):
-    """Causal (mask None) or masked attention for CPU training in bf16: SDPA's fused flash forward, and the
-    backward from dsv3's AMX kernel (kernels/cpu_attention.cpp), which ATen's flash backward takes 3-5x as long
-    as at training shapes. v keeps its own head dim: the forward pads it to q's (the flash kernel needs equal dims)."""
+    """Causal (mask None) or masked attention for CPU training in bf16 through dsv3's AMX kernels
+    (kernels/cpu_attention.cpp): tiles outside the mask skipped, v at its own head dim, the output laid out as
+    the output projection reads it. ATen's flash-attention backward takes 5-14x as long at training shapes."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):
-        dv = v.shape[-1]
-        vp = F.pad(v, (0, q.shape[-1] - dv))
-        # the flash op takes an additive mask in the query's dtype, as SDPA's bool-mask path makes one
-        fmask = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, vp, 0.0, mask is None, attn_mask=fmask, scale=scale)
-        out = out[..., :dv]
+        out, lse = kernels.attention_forward(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.scale = scale
         return out
@@ -107,7 +101,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, qk]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
-        if torch.is_grad_enabled() and q.requires_grad and kernels.attention_backward_ok(q, v):
+        if torch.is_grad_enabled() and q.requires_grad and kernels.attention_ok(q, v):
             o = _CPUAttention.apply(q, k, v, mask, self.scale)
         else:
             o = self._sdpa(q, k, v, mask)
