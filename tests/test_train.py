@@ -102,9 +102,16 @@ def test_cpu_bf16_autocast_routed_experts_match_fp32():
     assert grads[1][3][6:].abs().max() == 0  # idle experts: zero weight gradients
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blockwise_cross_entropy_matches_torch(monkeypatch, dtype):
-    """Loss and gradient equal F.cross_entropy on the fp32 logits, ignored labels included, over several blocks."""
+def test_blockwise_cross_entropy_matches_torch(monkeypatch, dtype, kernel):
+    """Loss and gradient equal F.cross_entropy on the fp32 logits, ignored labels included: over several blocks,
+    and through the CPU kernel (a vocabulary of 50: rows end in a partial vector)."""
+    from dsv3 import kernels
+
+    if kernel and not kernels.available():
+        pytest.skip("no CPU kernels here")
+    monkeypatch.setattr(kernels, "cross_entropy_ok", lambda logits: kernel)
     monkeypatch.setattr(_BlockwiseCrossEntropy, "BLOCK", 3 * 50)  # 3 rows per block: 7 blocks for 20 rows
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(4, 5, 50, generator=g) * 3).to(dtype)

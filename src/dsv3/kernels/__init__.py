@@ -6,7 +6,8 @@ cpu_gemv.cpp): the products of single-token decoding, the experts of a small dec
 AMX tiles through oneDNN's brgemm, masked tiles skipped): the backward 5-14x faster than ATen's flash-attention
 backward at training shapes.
 `rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
-(cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes.
+(cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes; `cross_entropy_lse` / `cross_entropy_grad` the
+loss's, likewise (cpu_cross_entropy.cpp).
 The library is built once per (sources, torch, compiler flags) into ~/.cache/dsv3/kernels (or
 $DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`. The ops, `torch.ops.dsv3.gemv` and
 `torch.ops.dsv3.grouped_gemv`, have fake implementations, so torch.compile'd graphs can call them. Everything
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in (
+    "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp")]
+_HEADERS = [Path(__file__).with_name("vec.h")]  # included by the training kernels
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 _lock = threading.Lock()
@@ -46,7 +49,7 @@ def _build() -> Path:
     """Compile the library unless a matching one is cached; returns its path."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _SOURCES), torch.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _SOURCES + _HEADERS), torch.__version__.encode(),
                                      " ".join(_FLAGS).encode(), sys.version.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("DSV3_KERNEL_CACHE") or Path.home() / ".cache" / "dsv3" / "kernels")
     lib = cache / f"dsv3_cpu-{key}.so"
@@ -142,3 +145,20 @@ def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
     """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above."""
     return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd)
+
+
+def cross_entropy_ok(logits: torch.Tensor) -> bool:
+    """Whether the CPU cross-entropy kernels take logits [N, V]: fp32 or bf16 on CPU, rows contiguous."""
+    return (logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+            and logits.stride(-1) == 1 and available())
+
+
+def cross_entropy_lse(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> the log-sum-exp of each row [N], fp32."""
+    return torch.ops.dsv3.cross_entropy_lse(logits)
+
+
+def cross_entropy_grad(logits, lse, target, scale) -> torch.Tensor:
+    """d/d logits of sum_i scale[i] (lse[i] - logits[i, target[i]]): (softmax - one-hot) x scale, in the logits'
+    dtype (the fp32 value rounded once)."""
+    return torch.ops.dsv3.cross_entropy_grad(logits, lse, target, scale)

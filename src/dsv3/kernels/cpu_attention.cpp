@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -20,34 +22,10 @@
 
 namespace {
 
-using bf16 = at::BFloat16;
+using namespace dsv3_vec;
 namespace cpublas = at::native::cpublas;
 template <typename I>
 inline I round_up(I x, I m) { return (x + m - 1) / m * m; }
-
-// exp on 16 floats: 2^(x log2 e) with a degree-7 polynomial on the fraction (relative error ~1e-7); exp(-inf) = 0
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // |f| <= ln2 / 2
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// 16 floats -> 16 bf16 (round to nearest even)
-inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-
-inline __m512 load_bf16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 // Two rows of 16 bf16 -> 32 bf16 interleaved (a0 b0 a1 b1 ...): the VNNI pairs brgemm reads for its B operand
 inline __m512i interleave(__m256i a, __m256i b) {
@@ -198,7 +176,7 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   for (int64_t i = 0; i < Tqp; ++i) {
     __m512 acc = _mm512_setzero_ps();
     if (i < Tq)
-      for (int64_t d = 0; d < Dv; d += 16) acc = _mm512_fmadd_ps(load_bf16(go + i * ldgo + d), load_bf16(o + i * ldo + d), acc);
+      for (int64_t d = 0; d < Dv; d += 16) acc = _mm512_fmadd_ps(load16(go + i * ldgo + d), load16(o + i * ldo + d), acc);
     Dd[i] = _mm512_reduce_add_ps(acc);
     L[i] = i < Tq ? lse[i * ldl] : INFINITY;  // padded rows: P = 0
   }

@@ -10,25 +10,14 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <cmath>
 #include <vector>
 
 namespace {
 
-using bf16 = at::BFloat16;
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-// v rounded to T's precision (and back to fp32)
-template <typename T>
-inline __m512 round_as(__m512 v) {
-  if constexpr (std::is_same_v<T, bf16>) return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
-  return v;
-}
+using namespace dsv3_vec;
 
 template <typename T>
 void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D, int64_t begin, int64_t end, float* y,

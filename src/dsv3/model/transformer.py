@@ -449,7 +449,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
 class _BlockwiseCrossEntropy(torch.autograd.Function):
     """Summed token cross-entropy of logits [N, V], ~4M logits (16 MB in fp32, cache-sized) at a time on CPU and
-    ~32M on GPUs, where each block costs a few kernel launches (V3's 129k vocabulary: 256 rows per block)."""
+    ~32M on GPUs, where each block costs a few kernel launches (V3's 129k vocabulary: 256 rows per block). On
+    CPUs with dsv3's kernels, one pass over each row each way instead (kernels/cpu_cross_entropy.cpp)."""
 
     BLOCK = 1 << 22
     GPU_BLOCK = 1 << 25
@@ -458,12 +459,15 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, ignore_index: int):
         keep = labels != ignore_index
         target = labels.masked_fill(~keep, 0)
-        block = _BlockwiseCrossEntropy.BLOCK if logits.device.type == "cpu" else _BlockwiseCrossEntropy.GPU_BLOCK
-        rows = max(1, block // logits.shape[1])
-        lse = torch.cat([torch.logsumexp(b.float(), -1) for b in logits.split(rows)])
+        ctx.kernel = kernels.cross_entropy_ok(logits)
+        if ctx.kernel:
+            lse = kernels.cross_entropy_lse(logits)
+        else:
+            block = _BlockwiseCrossEntropy.BLOCK if logits.device.type == "cpu" else _BlockwiseCrossEntropy.GPU_BLOCK
+            ctx.rows = max(1, block // logits.shape[1])
+            lse = torch.cat([torch.logsumexp(b.float(), -1) for b in logits.split(ctx.rows)])
         picked = logits.gather(1, target[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, target, keep, lse)
-        ctx.rows = rows
         return torch.where(keep, lse - picked, 0.0).sum()
 
     @staticmethod
@@ -471,6 +475,8 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         logits, target, keep, lse = ctx.saved_tensors
         scale = grad * keep  # [N]: zero on ignored rows
+        if ctx.kernel:
+            return kernels.cross_entropy_grad(logits, lse, target, scale.float()), None, None
         dlogits = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.rows):
             e = min(s + ctx.rows, logits.shape[0])

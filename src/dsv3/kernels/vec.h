@@ -1,0 +1,54 @@
+// AVX-512 helpers shared by the training kernels: 16 floats at a time, bf16 <-> fp32, exp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <type_traits>
+
+namespace dsv3_vec {
+
+using bf16 = at::BFloat16;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+// 16 floats -> 16 bf16 (round to nearest even)
+inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+// masked versions: the first n of the 16 (n <= 16)
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+inline __m512 load16(const bf16* p, int64_t n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
+}
+inline void store16(float* p, __m512 v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+inline void store16(bf16* p, __m512 v, int64_t n) { _mm256_mask_storeu_epi16(p, first(n), to_bf16(v)); }
+
+// v rounded to T's precision (and back to fp32)
+template <typename T>
+inline __m512 round_as(__m512 v) {
+  if constexpr (std::is_same_v<T, bf16>) return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
+  return v;
+}
+
+// exp on 16 floats: 2^(x log2 e) with a degree-7 polynomial on the fraction (relative error ~1e-7); exp(-inf) ~ 0
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // |f| <= ln2 / 2
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace dsv3_vec
