@@ -437,7 +437,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     computes it (labels equal to ignore_index count for nothing; "mean" divides by the others, "sum" does not),
     but a block of rows at a time: no fp32 copy of the logits, log-softmax or its gradient is ever whole. For the
     `small` preset's 8 x 1024 x 8192 bf16 logits that is ~800 MB less memory and 0.17 s instead of 0.29-0.5 s per
-    forward + backward on the 2-core CPU; the gradient is the same fp32 softmax - one-hot, rounded once."""
+    forward + backward on the 2-core CPU; the gradient is the same fp32 softmax - one-hot, rounded once. On CPUs
+    with dsv3's kernels a row at a time, in one pass each way (0.04 s there)."""
     flat, target = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     total = _BlockwiseCrossEntropy.apply(flat, target, ignore_index)
     if reduction == "sum":
