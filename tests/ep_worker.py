@@ -5,6 +5,7 @@ where one rank's experts receive no tokens at all. Prints "ep_worker ok" on succ
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,11 @@ def main() -> None:
             torch.testing.assert_close(mine, full[lo:hi], rtol=1e-5, atol=1e-5)
     dist.destroy_process_group()
     print("ep_worker ok", flush=True)
+    # Skip the interpreter's teardown: there, 1-2 runs in 6 (torch 2.13, also before this worker's current code)
+    # died with "terminate called without an active exception" (SIGABRT) after the checks above had passed, a
+    # gloo worker thread destroyed unjoined while the mesh and the expert layer still held their process groups
+    # (pytorch/pytorch#65513 describes the same). The test is about the dispatch, which is done.
+    os._exit(0)
 
 
 if __name__ == "__main__":
