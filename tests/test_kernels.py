@@ -138,6 +138,7 @@ def _errors(results, q, k, v, go, mask, scale):
     (2, 2, 100, 48, 32, "causal"),   # the tiny preset's; T not a multiple of the 64-token tile
     (1, 2, 200, 64, 64, "documents"),  # packed documents: tiles outside every document are skipped
     (2, 2, 150, 32, 16, "padding"),  # right padding (rows that only see themselves), as prefill builds it
+    (1, 2, 70, 192, 128, "causal"),  # DeepSeek-V3's head dims
 ])
 def test_attention_kernels_match_fp32_sdpa(B, H, T, Dq, Dv, kind):
     """Output and gradients from the AMX kernels against SDPA's fp32 forward and backward on the same bf16
