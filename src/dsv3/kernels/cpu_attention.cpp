@@ -1,11 +1,12 @@
-// Backward of causal / masked softmax attention for bf16 on CPUs with AMX, from the forward's log-sum-exp.
+// Causal / masked softmax attention for bf16 training on CPUs with AMX: forward and backward.
 //
 // ATen's CPU flash-attention backward costs ~7x its forward at training shapes (16 x 8 heads x 512 tokens x 64):
-// it calls a general GEMM per 64 x 512 tile with bf16 results accumulated in place. This kernel tiles queries and
-// keys by 64, runs the five products of each tile (S = Q K^T, dP = dO V^T, dV^T += dO^T P, dQ += dS K,
-// dK^T += Q^T dS) as oneDNN brgemm micro-kernels (bf16 x bf16 -> fp32, AMX) on operands packed once per head,
-// keeps every sum in fp32 and skips tiles the mask leaves empty. P = exp(scale * S - lse) is rebuilt from the
-// forward's log-sum-exp, as in FlashAttention-2.
+// it calls a general GEMM per 64 x 512 tile with bf16 results accumulated in place. These kernels tile queries
+// and keys by 64 and run each tile's products (forward: S = Q K^T, O += P V; backward: S, dP = dO V^T,
+// dV^T += dO^T P, dQ += dS K, dK^T += Q^T dS) as oneDNN brgemm micro-kernels (bf16 x bf16 -> fp32, AMX) on
+// operands packed once per head, keep every sum in fp32 and skip tiles the mask leaves empty. The forward keeps
+// a running max and sum per row and returns the log-sum-exp, from which the backward rebuilds
+// P = exp(scale * S - lse), as in FlashAttention-2.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
