@@ -4,7 +4,7 @@ Each side steps with the optimizer its own trainer uses: dsv3's `build_optimizer
 matrices only) and fused AdamW over all parameters for transformers (its Trainer's default, adamw_torch_fused).
 
 Both models train the main next-token loss only (transformers has no MTP), so dsv3 runs `mtp=False`; each side
-computes it as its own library does: dsv3's blockwise `cross_entropy`, and for transformers the fp32 upcast of
+computes it as its own library does: dsv3's `cross_entropy` (its CPU kernel), and for transformers the fp32 upcast of
 the logits and F.cross_entropy that its ForCausalLMLoss runs.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
 matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step, the two sides'

@@ -4,13 +4,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include "vec.h"
 
 #include <cmath>
-#include <limits>
 
 namespace {
 

@@ -7,13 +7,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include "vec.h"
 
+#include <algorithm>
 #include <cmath>
-#include <vector>
 
 namespace {
 
