@@ -52,13 +52,32 @@ def test_balance_loss_matches_hand_computation():
     assert st.load.sum() == B * T * k
 
 
-def test_cpu_bf16_autocast_experts_match_fp32():
-    """CPU bf16 training runs the experts as bf16 GEMMs over zero-padded rows per expert (with empty experts and
-    experts longer than the padding): outputs and all gradients equal the fp32 grouped GEMM's to bf16 precision,
-    and the weight gradients are fp32 like the master weights."""
+def _experts_kernel(monkeypatch, kernel: bool, H: int, inter: int) -> list:
+    """Route CPU bf16 experts through the fused kernel (skipped where it cannot run; returns a list that gets one
+    entry per kernel call) or the per-expert GEMMs."""
+    from dsv3 import kernels
+
+    calls: list = []
+    if not kernel:
+        monkeypatch.setattr(kernels, "experts_ok", lambda *a: False)
+    elif not kernels.experts_ok(torch.zeros(1, H), torch.zeros(1, 2 * inter, H), torch.zeros(1, H, inter)):
+        pytest.skip("the experts kernel needs AMX")
+    else:
+        forward = kernels.experts_forward
+        monkeypatch.setattr(kernels, "experts_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cpu_bf16_autocast_experts_match_fp32(monkeypatch, kernel):
+    """CPU bf16 training runs the experts as bf16 GEMMs (fused kernel, or oneDNN over zero-padded rows per expert),
+    with empty experts, experts longer than a block of rows and, for the kernel, than a weight-gradient chunk:
+    outputs and all gradients equal the fp32 grouped GEMM's to bf16 precision, and the weight gradients are fp32
+    like the master weights."""
     g = torch.Generator().manual_seed(0)
-    E, H, inter = 6, 48, 24
-    counts = torch.tensor([10, 0, 70, 5, 0, 15])
+    E, H, inter = 6, *((64, 32) if kernel else (48, 24))
+    calls = _experts_kernel(monkeypatch, kernel, H, inter)
+    counts = torch.tensor([10, 0, 600 if kernel else 70, 5, 0, 15])
     gate_up = (torch.randn(E, 2 * inter, H, generator=g) * 0.2).requires_grad_()
     down = (torch.randn(E, H, inter, generator=g) * 0.2).requires_grad_()
     xs = torch.randn(int(counts.sum()), H, generator=g, requires_grad=True)
@@ -74,13 +93,16 @@ def test_cpu_bf16_autocast_experts_match_fp32():
     for ref, got in zip(*grads):
         assert got.dtype == torch.float32
         assert ((got - ref).norm() / ref.norm()).item() < 0.01
+    assert len(calls) == kernel
 
 
-def test_cpu_bf16_autocast_routed_experts_match_fp32():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cpu_bf16_autocast_routed_experts_match_fp32(monkeypatch, kernel):
     """The same for a whole Experts layer over tokens (k = 3 choices each, experts left idle): the bf16 path
-    gathers tokens straight into the padded per-expert rows and sums each token's k slot gradients in fp32."""
+    gathers tokens straight into the per-expert rows and sums each token's k slot gradients in fp32."""
     g = torch.Generator().manual_seed(1)
-    E, H, inter, N, k = 8, 48, 32, 50, 3
+    E, H, inter, N, k = 8, 64 if kernel else 48, 32, 50, 3
+    calls = _experts_kernel(monkeypatch, kernel, H, inter)
     experts = Experts(E, H, inter)
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(E, 2 * inter, H, generator=g) * 0.2)
@@ -100,6 +122,7 @@ def test_cpu_bf16_autocast_routed_experts_match_fp32():
         assert got.dtype == torch.float32
         assert ((got - ref).norm() / ref.norm()).item() < 0.01
     assert grads[1][3][6:].abs().max() == 0  # idle experts: zero weight gradients
+    assert len(calls) == kernel
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -5,14 +5,16 @@ cpu_gemv.cpp): the products of single-token decoding, the experts of a small dec
 `attention_forward` / `attention_backward` are training's causal or masked attention in bf16 (cpu_attention.cpp,
 AMX tiles through oneDNN's brgemm, masked tiles skipped): the backward 5-14x faster than ATen's flash-attention
 backward at training shapes.
+`experts_forward` / `experts_backward` are the routed experts of bf16 training (cpu_experts.cpp): per expert, the
+weights cast and packed once, every product a brgemm micro-kernel, SwiGLU and the row gathers fused.
 `rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
 (cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes; `cross_entropy_lse` / `cross_entropy_grad` the
 loss's, likewise (cpu_cross_entropy.cpp).
 The library is built once per (sources, torch, compiler flags) into ~/.cache/dsv3/kernels (or
 $DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`. The ops, `torch.ops.dsv3.gemv` and
 `torch.ops.dsv3.grouped_gemv`, have fake implementations, so torch.compile'd graphs can call them. Everything
-falls back to ATen when the CPU lacks AVX512-BF16 (AMX too, for attention), no compiler is found, the build
-fails (one warning), or DSV3_CPU_KERNELS=0.
+falls back to ATen when the CPU lacks AVX512-BF16 (AMX too, for attention and the experts), no compiler is found,
+the build fails (one warning), or DSV3_CPU_KERNELS=0.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(n) for n in (
-    "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp")]
-_HEADERS = [Path(__file__).with_name("vec.h")]  # included by the training kernels
+    "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp", "cpu_experts.cpp")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("vec.h", "pack.h")]  # included by the training kernels
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 _lock = threading.Lock()
@@ -111,8 +113,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def attention_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attention_forward` / `attention_backward` take attention over q [B, H, T, Dq], v [B, H, T, Dv]:
     bf16 on a CPU with AMX, head dims multiples of 16."""
-    if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
-            and v.shape[-1] % 16 == 0 and available()):
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
+            and v.shape[-1] % 16 == 0 and _amx())
+
+
+def _amx() -> bool:
+    """Whether the kernels are loaded and oneDNN's brgemm runs bf16 here (AMX)."""
+    if not available():
         return False
     if "amx" not in _state:
         _state["amx"] = bool(torch.ops.dsv3.attention_supported())
@@ -162,3 +169,24 @@ def cross_entropy_grad(logits, lse, target, scale) -> torch.Tensor:
     """d/d logits of sum_i scale[i] (lse[i] - logits[i, target[i]]): (softmax - one-hot) x scale, in the logits'
     dtype (the fp32 value rounded once)."""
     return torch.ops.dsv3.cross_entropy_grad(logits, lse, target, scale)
+
+
+def experts_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `experts_forward` / `experts_backward` take these experts: CPU with AMX, fp32 or bf16 x, contiguous
+    fp32 weights, hidden and expert sizes multiples of 32."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and gate_up.dtype == torch.float32
+            and down.dtype == torch.float32 and gate_up.is_contiguous() and down.is_contiguous()
+            and x.shape[-1] % 32 == 0 and down.shape[-1] % 32 == 0 and _amx())
+
+
+def experts_forward(x, order, k: int, counts: list[int], gate_up, down):
+    """SwiGLU experts on x [R, H]: order [M] int64 puts the (token, choice) slots in expert order (token = slot // k;
+    None: x's rows are already in expert order, k = 1), counts [E] rows per expert, fp32 gate_up [E, 2I, H] and
+    down [E, H, I] (cast to bf16, products summed in fp32). Returns (y [M, H] bf16 by slot, and for the backward the
+    gathered rows and the gate/up activations, bf16)."""
+    return torch.ops.dsv3.experts_forward(x, order, k, counts, gate_up, down)
+
+
+def experts_backward(dy, order, k: int, counts: list[int], xs, h, gate_up, down):
+    """(dx [M, H] bf16 by slot, dgate_up, ddown fp32) for the forward above; dy [M, H] by slot."""
+    return torch.ops.dsv3.experts_backward(dy, order, k, counts, xs, h, gate_up, down)

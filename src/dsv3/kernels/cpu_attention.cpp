@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "pack.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -24,49 +25,8 @@
 namespace {
 
 using namespace dsv3_vec;
+using namespace dsv3_pack;
 namespace cpublas = at::native::cpublas;
-template <typename I>
-inline I round_up(I x, I m) { return (x + m - 1) / m * m; }
-
-// Two rows of 16 bf16 -> 32 bf16 interleaved (a0 b0 a1 b1 ...): the VNNI pairs brgemm reads for its B operand
-inline __m512i interleave(__m256i a, __m256i b) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-}
-
-inline __m512i row_offsets(int64_t ld_dwords) {  // dword offsets of 16 consecutive rows
-  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                            _mm512_set1_epi32(int(ld_dwords)));
-}
-
-// dst[c * ldd + r] = src[r * lds + c]: rows % 16 == 0, cols and lds even
-void transpose(const bf16* src, int64_t lds, int64_t rows, int64_t cols, bf16* dst, int64_t ldd) {
-  const __m512i idx = row_offsets(lds / 2);
-  for (int64_t r = 0; r < rows; r += 16)
-    for (int64_t c = 0; c < cols; c += 2) {
-      __m512i w = _mm512_i32gather_epi32(idx, src + r * lds + c, 4);  // (src[r + j][c], src[r + j][c + 1])
-      _mm256_storeu_si256((__m256i*)(dst + c * ldd + r), _mm512_cvtepi32_epi16(w));
-      _mm256_storeu_si256((__m256i*)(dst + (c + 1) * ldd + r), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
-    }
-}
-
-// B operand X^T [D, rows] for X [rows, D] (ld lds): its VNNI form [D/2][rows][2] is X's 32-bit words transposed
-void pack_transposed(const bf16* src, int64_t lds, int64_t rows, int64_t D, bf16* out) {
-  const __m512i idx = row_offsets(lds / 2);
-  auto* o = reinterpret_cast<uint32_t*>(out);
-  for (int64_t n = 0; n < rows; n += 16)
-    for (int64_t p = 0; p < D / 2; ++p)
-      _mm512_storeu_si512(o + p * rows + n, _mm512_i32gather_epi32(idx, src + n * lds + 2 * p, 4));
-}
-
-// B operand X [rows, N] (ld lds, K = rows) -> VNNI [rows/2][N][2]: rows even, N % 16 == 0
-void pack_rows(const bf16* src, int64_t lds, int64_t rows, int64_t N, bf16* out) {
-  for (int64_t k = 0; k < rows; k += 2)
-    for (int64_t n = 0; n < N; n += 16)
-      _mm512_storeu_si512(out + k * N + 2 * n, interleave(_mm256_loadu_si256((const __m256i*)(src + k * lds + n)),
-                                                          _mm256_loadu_si256((const __m256i*)(src + (k + 1) * lds + n))));
-}
 
 // dst[n * ldd + d] = bf16(src[d * lds + n]) for n < rows (src holds whole 16-row groups), D and ldd even
 void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, bf16* dst, int64_t ldd) {
@@ -182,9 +142,9 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
     L[i] = i < Tq ? lse[i * ldl] : INFINITY;  // padded rows: P = 0
   }
   for (int64_t t = 0; t < nkb; ++t) {
-    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq);
-    pack_transposed(Vr + t * kB * Dv, Dv, kB, Dv, VTp + t * kB * Dv);
-    pack_rows(Kr + t * kB * Dq, Dq, kB, Dq, Kp + t * kB * Dq);
+    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq, kB);
+    pack_transposed(Vr + t * kB * Dv, Dv, kB, Dv, VTp + t * kB * Dv, kB);
+    pack_rows(Kr + t * kB * Dq, Dq, kB, Dq, Kp + t * kB * Dq, Dq);
   }
   std::fill(dKt, dKt + (Dq + Dv) * ldg, 0.f);
 
@@ -263,8 +223,8 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
   copy_rows(k, ldk, Tk, Tkp, Dq, Kr);
   copy_rows(v, ldv, Tk, Tkp, Dv, Vr);
   for (int64_t t = 0; t < nkb; ++t) {
-    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq);
-    pack_rows(Vr + t * kB * Dv, Dv, kB, Dv, Vp + t * kB * Dv);
+    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq, kB);
+    pack_rows(Vr + t * kB * Dv, Dv, kB, Dv, Vp + t * kB * Dv, Dv);
   }
   const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   for (int64_t qb = 0; qb < nqb; ++qb) {

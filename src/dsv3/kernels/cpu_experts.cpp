@@ -1,0 +1,288 @@
+// The routed experts of an MoE layer for bf16 CPU training (fp32 master weights), forward and backward.
+//
+// Per expert e with rows X_e (the tokens routed to it): H = X_e Wgu_e^T, A = silu(G) * U, Y = A Wd_e^T; backward
+// dA = dY Wd_e, dH from dA, dX = dH Wgu_e, dWd_e = dY^T A, dWgu_e = dH^T X_e. One oneDNN GEMM per expert and
+// product (what autocast runs) reached 0.4-0.5 TFLOP/s for the experts' share of the `small` training step, a
+// quarter of the machine's bf16 matmul peak: every call casts or re-packs its operands, the gathers, SwiGLU and its
+// gradient are separate passes, and two threads meet at a barrier after each small GEMM. Here one thread takes
+// one expert at a time (largest first): it casts and packs the expert's fp32 weights once into the brgemm B layout
+// (VNNI), gathers 64 rows at a time straight from the tokens, runs each product as brgemm micro-kernels
+// (AMX, bf16 x bf16 -> fp32) and does the elementwise work on the fp32 results while they are in cache; the
+// weight gradients contract over the expert's rows in chunks, written straight into the fp32 gradients.
+// Rounding follows autocast: H is stored in bf16 and SwiGLU reads the rounded values; the products sum in fp32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include "pack.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using namespace dsv3_vec;
+using namespace dsv3_pack;
+namespace cpublas = at::native::cpublas;
+
+constexpr int64_t kR = 64;    // rows per block (the M of the row products)
+constexpr int64_t kC = 512;   // rows per weight-gradient chunk (the K of dW = dY^T A), a multiple of kR
+
+// Where each expert's rows live: sorted row i (rows grouped by expert, expert e from first[e]) is token slot
+// slot(i) (the (token, choice) index, or i itself without `order`) and sits at padded row pstart[e] + (i - first[e])
+// of the saved activations, each expert's block padded with zero rows to a multiple of kR.
+struct Layout {
+  std::vector<int64_t> count, first, pstart, by_size;
+  const int64_t* order = nullptr;
+  int64_t k = 1, padded = 0;
+
+  Layout(const std::optional<at::Tensor>& ord, int64_t k_, at::IntArrayRef counts) : k(k_) {
+    const int64_t E = counts.size();
+    count.assign(counts.begin(), counts.end());
+    first.resize(E + 1), pstart.resize(E + 1);
+    first[0] = pstart[0] = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK(count[e] >= 0, "experts: negative row count");
+      first[e + 1] = first[e] + count[e];
+      pstart[e + 1] = pstart[e] + round_up(count[e], kR);
+    }
+    padded = pstart[E];
+    if (ord.has_value() && ord->defined()) {
+      TORCH_CHECK(ord->scalar_type() == at::kLong && ord->dim() == 1 && ord->is_contiguous() &&
+                  ord->numel() == first[E], "experts: order must be int64 [sum(counts)]");
+      order = ord->const_data_ptr<int64_t>();
+      TORCH_CHECK(std::all_of(order, order + first[E], [&](int64_t s) { return s >= 0 && s < first[E]; }),
+                  "experts: order holds a slot out of range");
+    }
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e]) by_size.push_back(e);
+    std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return count[a] > count[b]; });
+  }
+  int64_t slot(int64_t i) const { return order ? order[i] : i; }
+  int64_t rows() const { return first.back(); }
+};
+
+// Run fn(e, scratch) for every expert with rows, each thread taking the next largest expert not yet started
+template <typename F>
+void for_each_expert(const Layout& L, F fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = L.by_size.size();
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    std::vector<char> scratch;
+    for (int64_t j; (j = next.fetch_add(1)) < n;) fn(L.by_size[j], scratch);
+    cpublas::brgemm_release(true);
+  });
+}
+
+// 64-byte aligned pieces of a scratch buffer
+struct Carve {
+  char* p;
+  template <typename T>
+  T* take(int64_t n) {
+    T* r = reinterpret_cast<T*>(p);
+    p += round_up<int64_t>(n * sizeof(T), 64);
+    return r;
+  }
+};
+inline Carve carve(std::vector<char>& scratch, int64_t bytes) {
+  scratch.resize(bytes + 64);
+  return {reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(scratch.data()), 64))};
+}
+
+// dst [kR, D] bf16 (ld ldd) <- rows src_row(0 .. rows-1) of src (ld D), zero rows after
+template <typename T, typename Row>
+void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, int64_t ldd) {
+  for (int64_t i = 0; i < kR; ++i) {
+    bf16* d = dst + i * ldd;
+    if (i >= rows) {
+      std::memset(d, 0, D * sizeof(bf16));
+      continue;
+    }
+    const T* s = src + src_row(i) * D;
+    if constexpr (std::is_same_v<T, bf16>) std::memcpy(d, s, D * sizeof(bf16));
+    else for (int64_t c = 0; c < D; c += 16) store16(d + c, load16(s + c));
+  }
+}
+
+inline __m512 sigmoid16(__m512 g) {
+  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+template <typename T>
+void forward_impl(const T* x, const Layout& L, const float* gate_up, const float* down, int64_t H, int64_t I,
+                  bf16* y, bf16* xs, bf16* h) {
+  const int64_t I2 = 2 * I;
+  for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
+    Carve c = carve(scratch, (H * ld_b(I2) + I * ld_b(H) + kR * (ld_a(H) + ld_a(I))) * 2 +
+                             kR * (ld_c(I2) + ld_c(H)) * 4 + 6 * 64);
+    bf16* Bgu = c.take<bf16>(H * ld_b(I2));  // VNNI of Wgu^T [H, 2I]
+    bf16* Bd = c.take<bf16>(I * ld_b(H));    // VNNI of Wd^T [I, H]
+    bf16* Xb = c.take<bf16>(kR * ld_a(H));   // the block's rows
+    bf16* Ab = c.take<bf16>(kR * ld_a(I));   // their SwiGLU output
+    float* C1 = c.take<float>(kR * ld_c(I2));
+    float* C2 = c.take<float>(kR * ld_c(H));
+    pack_transposed(gate_up + e * I2 * H, H, I2, H, Bgu, ld_b(I2));
+    pack_transposed(down + e * H * I, I, H, I, Bd, ld_b(H));
+    for (int64_t r0 = 0; r0 < L.count[e]; r0 += kR) {
+      const int64_t rows = std::min(kR, L.count[e] - r0), i0 = L.first[e] + r0, p0 = L.pstart[e] + r0;
+      gather_rows(x, H, rows, [&](int64_t i) { return L.slot(i0 + i) / L.k; }, Xb, ld_a(H));
+      for (int64_t i = 0; i < kR; ++i) std::memcpy(xs + (p0 + i) * H, Xb + i * ld_a(H), H * sizeof(bf16));
+      cpublas::brgemm(kR, I2, H, ld_a(H), ld_b(I2), ld_c(I2), false, Xb, Bgu, C1, true);  // H = X Wgu^T
+      bf16* hb = h + p0 * I2;
+      for (int64_t i = 0; i < kR; ++i) {
+        const float* ci = C1 + i * ld_c(I2);
+        for (int64_t d = 0; d < I; d += 16) {
+          const __m512 g = round_as<bf16>(load16(ci + d)), u = round_as<bf16>(load16(ci + I + d));
+          store16(hb + i * I2 + d, g);
+          store16(hb + i * I2 + I + d, u);
+          store16(Ab + i * ld_a(I) + d, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u));
+        }
+      }
+      cpublas::brgemm(kR, H, I, ld_a(I), ld_b(H), ld_c(H), false, Ab, Bd, C2, true);  // Y = A Wd^T
+      for (int64_t i = 0; i < rows; ++i) {
+        bf16* yr = y + L.slot(i0 + i) * H;
+        for (int64_t d = 0; d < H; d += 16) store16(yr + d, load16(C2 + i * ld_c(H) + d));
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, const float* gate_up,
+                   const float* down, int64_t H, int64_t I, bf16* dx, float* dgate_up, float* ddown) {
+  const int64_t I2 = 2 * I, ldT = ld_a(kC);
+  for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
+    Carve c = carve(scratch, (H * ld_b(I) + I2 * ld_b(H) + kR * (ld_a(H) + ld_a(I2) + I) + (H + I2) * ldT +
+                              kC * (ld_b(I) + ld_b(H))) * 2 + kR * (ld_c(I) + ld_c(H)) * 4 + 12 * 64);
+    bf16* Bd = c.take<bf16>(H * ld_b(I));    // VNNI of Wd [H, I]: B of dA = dY Wd
+    bf16* Bgu = c.take<bf16>(I2 * ld_b(H));  // VNNI of Wgu [2I, H]: B of dX = dH Wgu
+    bf16* dYb = c.take<bf16>(kR * ld_a(H));  // the block's dY rows
+    bf16* dHb = c.take<bf16>(kR * ld_a(I2)); // the block's dH
+    bf16* Ab = c.take<bf16>(kR * I);         // the block's SwiGLU output, recomputed
+    bf16* dYt = c.take<bf16>(H * ldT);       // dY^T of the chunk: A of dWd
+    bf16* dHt = c.take<bf16>(I2 * ldT);      // dH^T of the chunk: A of dWgu
+    bf16* Av = c.take<bf16>(kC * ld_b(I));      // VNNI of the chunk's A rows: B of dWd
+    bf16* Xv = c.take<bf16>(kC * ld_b(H));      // VNNI of the chunk's X rows: B of dWgu
+    float* dA = c.take<float>(kR * ld_c(I));
+    float* dXb = c.take<float>(kR * ld_c(H));
+    pack_rows(down + e * H * I, I, H, I, Bd, ld_b(I));
+    pack_rows(gate_up + e * I2 * H, H, I2, H, Bgu, ld_b(H));
+    const int64_t n = L.count[e], np = round_up(n, kR);
+    for (int64_t c0 = 0; c0 < np; c0 += kC) {
+      const int64_t kc = std::min(kC, np - c0);
+      for (int64_t r0 = c0; r0 < c0 + kc; r0 += kR) {
+        const int64_t rows = std::min(kR, n - r0), i0 = L.first[e] + r0, p0 = L.pstart[e] + r0, j = r0 - c0;
+        gather_rows(dy, H, rows, [&](int64_t i) { return L.slot(i0 + i); }, dYb, ld_a(H));
+        cpublas::brgemm(kR, I, H, ld_a(H), ld_b(I), ld_c(I), false, dYb, Bd, dA, true);  // dA = dY Wd
+        const bf16* hb = h + p0 * I2;
+        for (int64_t i = 0; i < kR; ++i)
+          for (int64_t d = 0; d < I; d += 16) {
+            const __m512 g = load16(hb + i * I2 + d), u = load16(hb + i * I2 + I + d), da = load16(dA + i * ld_c(I) + d);
+            const __m512 s = sigmoid16(g), sg = _mm512_mul_ps(g, s);
+            // dG = dA U silu'(G) with silu'(g) = s (1 + g (1 - s)); dU = dA silu(G)
+            const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(_mm512_set1_ps(1.f), s), _mm512_set1_ps(1.f)));
+            store16(Ab + i * I + d, _mm512_mul_ps(sg, u));
+            store16(dHb + i * ld_a(I2) + d, _mm512_mul_ps(_mm512_mul_ps(da, u), dsilu));
+            store16(dHb + i * ld_a(I2) + I + d, _mm512_mul_ps(da, sg));
+          }
+        cpublas::brgemm(kR, H, I2, ld_a(I2), ld_b(H), ld_c(H), false, dHb, Bgu, dXb, true);  // dX = dH Wgu
+        for (int64_t i = 0; i < rows; ++i) {
+          bf16* dr = dx + L.slot(i0 + i) * H;
+          for (int64_t d = 0; d < H; d += 16) store16(dr + d, load16(dXb + i * ld_c(H) + d));
+        }
+        transpose(dYb, ld_a(H), kR, H, dYt + j, ldT);
+        transpose(dHb, ld_a(I2), kR, I2, dHt + j, ldT);
+        pack_rows(Ab, I, kR, I, Av + j * ld_b(I), ld_b(I));
+        pack_rows(xs + p0 * H, H, kR, H, Xv + j * ld_b(H), ld_b(H));
+      }
+      for (int64_t m0 = 0; m0 < H; m0 += kR)  // dWd (+)= dY^T A
+        cpublas::brgemm(kR, I, kc, ldT, ld_b(I), I, c0 > 0, dYt + m0 * ldT, Av, ddown + e * H * I + m0 * I, true);
+      for (int64_t m0 = 0; m0 < I2; m0 += kR)  // dWgu (+)= dH^T X
+        cpublas::brgemm(kR, H, kc, ldT, ld_b(H), H, c0 > 0, dHt + m0 * ldT, Xv, dgate_up + e * I2 * H + m0 * H, true);
+    }
+  });
+}
+
+void check_weights(const at::Tensor& gate_up, const at::Tensor& down, int64_t E, int64_t H) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && down.scalar_type() == at::kFloat && gate_up.is_contiguous() &&
+              down.is_contiguous() && gate_up.dim() == 3 && down.dim() == 3,
+              "experts: contiguous fp32 gate_up [E, 2I, H] and down [E, H, I] expected");
+  const int64_t I = down.size(2);
+  TORCH_CHECK(gate_up.size(0) == E && down.size(0) == E && gate_up.size(1) == 2 * I && gate_up.size(2) == H &&
+              down.size(1) == H, "experts: weight shapes do not match the rows and counts");
+  TORCH_CHECK(H % 32 == 0 && I % 32 == 0, "experts: hidden and expert sizes must be multiples of 32");
+}
+
+// x [R, H] fp32 or bf16 (contiguous); order int64 [M] (token slot of each row sorted by expert; token = slot / k)
+// or none (x's rows already sorted, M = R, k = 1); counts [E] rows per expert. Returns y [M, H] bf16 (by slot),
+// and for the backward the gathered rows xs [P, H] and H = X Wgu^T [P, 2I] (bf16, padded per expert).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std::optional<at::Tensor>& order,
+                                                               int64_t k, at::IntArrayRef counts,
+                                                               const at::Tensor& gate_up, const at::Tensor& down) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "experts_forward: contiguous fp32 or bf16 x [R, H] expected");
+  const int64_t H = x.size(1), I = down.size(2);
+  check_weights(gate_up, down, counts.size(), H);
+  const Layout L(order, k, counts);
+  TORCH_CHECK(L.rows() == x.size(0) * (L.order ? k : 1), "experts_forward: counts do not match x");
+  const auto bopt = x.options().dtype(at::kBFloat16);
+  at::Tensor y = at::empty({L.rows(), H}, bopt), xs = at::empty({L.padded, H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "experts_forward",
+      AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl(x.const_data_ptr<float>(), L, gate_up.const_data_ptr<float>(),
+                                                      down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
+                                                      xs.data_ptr<bf16>(), h.data_ptr<bf16>()); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { forward_impl(x.const_data_ptr<bf16>(), L, gate_up.const_data_ptr<float>(),
+                                                         down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
+                                                         xs.data_ptr<bf16>(), h.data_ptr<bf16>()); }));
+  return {y, xs, h};
+}
+
+// dy [M, H] (by slot) fp32 or bf16; the rest as for the forward. Returns dx [M, H] bf16 by slot (the caller sums
+// each token's k slots), dgate_up and ddown fp32 (zero for experts without rows).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_backward(const at::Tensor& dy, const std::optional<at::Tensor>& order,
+                                                                int64_t k, at::IntArrayRef counts, const at::Tensor& xs,
+                                                                const at::Tensor& h, const at::Tensor& gate_up,
+                                                                const at::Tensor& down) {
+  const int64_t H = dy.size(1), I = down.size(2);
+  check_weights(gate_up, down, counts.size(), H);
+  const Layout L(order, k, counts);
+  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.size(0) == L.rows() &&
+              (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16),
+              "experts_backward: contiguous fp32 or bf16 dy [M, H] expected");
+  TORCH_CHECK(xs.is_contiguous() && h.is_contiguous() && xs.size(0) == L.padded && h.size(0) == L.padded &&
+              xs.size(1) == H && h.size(1) == 2 * I, "experts_backward: xs and h must be the forward's");
+  at::Tensor dx = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
+  at::Tensor dgate_up = at::empty_like(gate_up), ddown = at::empty_like(down);
+  for (size_t e = 0; e < L.count.size(); ++e)
+    if (!L.count[e]) dgate_up[e].zero_(), ddown[e].zero_();
+  AT_DISPATCH_SWITCH(dy.scalar_type(), "experts_backward",
+      AT_DISPATCH_CASE(at::kFloat, [&] { backward_impl(dy.const_data_ptr<float>(), L, xs.const_data_ptr<bf16>(),
+                                                       h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
+                                                       down.const_data_ptr<float>(), H, I, dx.data_ptr<bf16>(),
+                                                       dgate_up.data_ptr<float>(), ddown.data_ptr<float>()); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_impl(dy.const_data_ptr<bf16>(), L, xs.const_data_ptr<bf16>(),
+                                                          h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
+                                                          down.const_data_ptr<float>(), H, I, dx.data_ptr<bf16>(),
+                                                          dgate_up.data_ptr<float>(), ddown.data_ptr<float>()); }));
+  return {dx, dgate_up, ddown};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsv3, m) {
+  m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down) -> (Tensor, Tensor, Tensor)");
+  m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor xs, Tensor h, Tensor gate_up, "
+        "Tensor down) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("experts_forward", experts_forward);
+  m.impl("experts_backward", experts_backward);
+}
