@@ -10,6 +10,9 @@
 // (AMX, bf16 x bf16 -> fp32) and does the elementwise work on the fp32 results while they are in cache; the
 // weight gradients contract over the expert's rows in chunks, written straight into the fp32 gradients.
 // Rounding follows autocast: H is stored in bf16 and SwiGLU reads the rounded values; the products sum in fp32.
+// A routed call (router weights given) also returns the weighted sum over each token's k experts, in fp32, and
+// its backward scales the rows by the weights as it gathers them, returns the router weights' gradient and sums
+// each token's k input gradients: the elementwise passes autograd would make over [tokens, k, hidden].
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -111,6 +114,30 @@ void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, 
   }
 }
 
+// The combined output's gradient routed to the block's slots: dst row i = bf16(w[s] dout[s / k]) for slot
+// s = slot(i), and dw[s] = dout[s / k] . y[s] (the gradient of the router weight)
+template <typename T, typename Slot>
+void gather_weighted(const T* dout, const float* w, const bf16* y, int64_t k, int64_t D, int64_t rows, Slot slot,
+                     bf16* dst, int64_t ldd, float* dw) {
+  for (int64_t i = 0; i < kR; ++i) {
+    bf16* d = dst + i * ldd;
+    if (i >= rows) {
+      std::memset(d, 0, D * sizeof(bf16));
+      continue;
+    }
+    const int64_t s = slot(i);
+    const T* g = dout + s / k * D;
+    const __m512 ws = _mm512_set1_ps(w[s]);
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      const __m512 v = load16(g + c);
+      store16(d + c, _mm512_mul_ps(v, ws));
+      dot = _mm512_fmadd_ps(v, load16(y + s * D + c), dot);
+    }
+    dw[s] = _mm512_reduce_add_ps(dot);
+  }
+}
+
 inline __m512 sigmoid16(__m512 g) {
   return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
@@ -156,7 +183,8 @@ void forward_impl(const T* x, const Layout& L, const float* gate_up, const float
 
 template <typename T>
 void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, const float* gate_up,
-                   const float* down, int64_t H, int64_t I, bf16* dx, float* dgate_up, float* ddown) {
+                   const float* down, const float* w, const bf16* y, int64_t H, int64_t I, bf16* dx, float* dgate_up,
+                   float* ddown, float* dw) {
   const int64_t I2 = 2 * I, ldT = ld_a(kC);
   for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
     Carve c = carve(scratch, (H * ld_b(I) + I2 * ld_b(H) + kR * (ld_a(H) + ld_a(I2) + I) + (H + I2) * ldT +
@@ -179,7 +207,9 @@ void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, 
       const int64_t kc = std::min(kC, np - c0);
       for (int64_t r0 = c0; r0 < c0 + kc; r0 += kR) {
         const int64_t rows = std::min(kR, n - r0), i0 = L.first[e] + r0, p0 = L.pstart[e] + r0, j = r0 - c0;
-        gather_rows(dy, H, rows, [&](int64_t i) { return L.slot(i0 + i); }, dYb, ld_a(H));
+        auto slot = [&](int64_t i) { return L.slot(i0 + i); };
+        if (w) gather_weighted(dy, w, y, L.k, H, rows, slot, dYb, ld_a(H), dw);
+        else gather_rows(dy, H, rows, slot, dYb, ld_a(H));
         cpublas::brgemm(kR, I, H, ld_a(H), ld_b(I), ld_c(I), false, dYb, Bd, dA, true);  // dA = dY Wd
         const bf16* hb = h + p0 * I2;
         for (int64_t i = 0; i < kR; ++i)
@@ -220,18 +250,28 @@ void check_weights(const at::Tensor& gate_up, const at::Tensor& down, int64_t E,
   TORCH_CHECK(H % 32 == 0 && I % 32 == 0, "experts: hidden and expert sizes must be multiples of 32");
 }
 
+// The router weights of a routed call: fp32 [N, k], contiguous, or undefined
+at::Tensor router_weights(const std::optional<at::Tensor>& weights, const Layout& L, int64_t N) {
+  if (!weights.has_value() || !weights->defined()) return {};
+  TORCH_CHECK(L.order && weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == N * L.k,
+              "experts: weights must be fp32 [N, k] (contiguous), given with order");
+  return *weights;
+}
+
 // x [R, H] fp32 or bf16 (contiguous); order int64 [M] (token slot of each row sorted by expert; token = slot / k)
-// or none (x's rows already sorted, M = R, k = 1); counts [E] rows per expert. Returns y [M, H] bf16 (by slot),
-// and for the backward the gathered rows xs [P, H] and H = X Wgu^T [P, 2I] (bf16, padded per expert).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std::optional<at::Tensor>& order,
-                                                               int64_t k, at::IntArrayRef counts,
-                                                               const at::Tensor& gate_up, const at::Tensor& down) {
+// or none (x's rows already sorted, M = R, k = 1); counts [E] rows per expert; weights [R, k] fp32 (with order)
+// or none. Returns y [M, H] bf16 (by slot); for the backward the gathered rows xs [P, H] and H = X Wgu^T [P, 2I]
+// (bf16, padded per expert); and with weights out [R, H] = sum_j weights[t, j] y[t k + j] in fp32 (else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
+    const at::Tensor& gate_up, const at::Tensor& down, const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "experts_forward: contiguous fp32 or bf16 x [R, H] expected");
-  const int64_t H = x.size(1), I = down.size(2);
+  const int64_t H = x.size(1), I = down.size(2), R = x.size(0);
   check_weights(gate_up, down, counts.size(), H);
   const Layout L(order, k, counts);
-  TORCH_CHECK(L.rows() == x.size(0) * (L.order ? k : 1), "experts_forward: counts do not match x");
+  TORCH_CHECK(L.rows() == R * (L.order ? k : 1), "experts_forward: counts do not match x");
+  const at::Tensor w = router_weights(weights, L, R);
   const auto bopt = x.options().dtype(at::kBFloat16);
   at::Tensor y = at::empty({L.rows(), H}, bopt), xs = at::empty({L.padded, H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
   AT_DISPATCH_SWITCH(x.scalar_type(), "experts_forward",
@@ -241,45 +281,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(const at::Tensor&
       AT_DISPATCH_CASE(at::kBFloat16, [&] { forward_impl(x.const_data_ptr<bf16>(), L, gate_up.const_data_ptr<float>(),
                                                          down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
                                                          xs.data_ptr<bf16>(), h.data_ptr<bf16>()); }));
-  return {y, xs, h};
+  at::Tensor out = at::empty({w.defined() ? R : 0, H}, x.options().dtype(at::kFloat));
+  if (w.defined()) {
+    const float* wp = w.const_data_ptr<float>();
+    const bf16* yp = y.const_data_ptr<bf16>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t c = 0; c < H; c += 16) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t j = 0; j < k; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(wp[t * k + j]), load16(yp + (t * k + j) * H + c), acc);
+          store16(op + t * H + c, acc);
+        }
+    });
+  }
+  return {y, xs, h, out};
 }
 
-// dy [M, H] (by slot) fp32 or bf16; the rest as for the forward. Returns dx [M, H] bf16 by slot (the caller sums
-// each token's k slots), dgate_up and ddown fp32 (zero for experts without rows).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_backward(const at::Tensor& dy, const std::optional<at::Tensor>& order,
-                                                                int64_t k, at::IntArrayRef counts, const at::Tensor& xs,
-                                                                const at::Tensor& h, const at::Tensor& gate_up,
-                                                                const at::Tensor& down) {
+// dy: the gradient of the forward's out [R, H] when it had weights, else of y [M, H] (by slot); fp32 or bf16. The
+// rest as for the forward (y: its y, with weights). Returns dx (with weights [R, H] fp32, each token's k slots
+// summed in fp32; else [M, H] bf16 by row), dgate_up and ddown fp32 (zero for experts without rows), and with
+// weights dweights [R, k] fp32 (else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
+    const at::Tensor& dy, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
+    const at::Tensor& xs, const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& y) {
   const int64_t H = dy.size(1), I = down.size(2);
   check_weights(gate_up, down, counts.size(), H);
   const Layout L(order, k, counts);
-  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.size(0) == L.rows() &&
+  const int64_t R = L.order ? L.rows() / k : L.rows();
+  const at::Tensor w = router_weights(weights, L, R);
+  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.size(0) == (w.defined() ? R : L.rows()) &&
               (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16),
-              "experts_backward: contiguous fp32 or bf16 dy [M, H] expected");
+              "experts_backward: contiguous fp32 or bf16 dy expected, [R, H] with weights, else [M, H]");
   TORCH_CHECK(xs.is_contiguous() && h.is_contiguous() && xs.size(0) == L.padded && h.size(0) == L.padded &&
               xs.size(1) == H && h.size(1) == 2 * I, "experts_backward: xs and h must be the forward's");
-  at::Tensor dx = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
+  TORCH_CHECK(!w.defined() || (y.has_value() && y->is_contiguous() && y->scalar_type() == at::kBFloat16 &&
+                               y->size(0) == L.rows() && y->size(1) == H), "experts_backward: y must be the forward's");
+  at::Tensor dxs = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
   at::Tensor dgate_up = at::empty_like(gate_up), ddown = at::empty_like(down);
+  at::Tensor dw = at::empty({w.defined() ? R : 0, k}, dy.options().dtype(at::kFloat));
   for (size_t e = 0; e < L.count.size(); ++e)
     if (!L.count[e]) dgate_up[e].zero_(), ddown[e].zero_();
+  const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  const bf16* yp = w.defined() ? y->const_data_ptr<bf16>() : nullptr;
   AT_DISPATCH_SWITCH(dy.scalar_type(), "experts_backward",
       AT_DISPATCH_CASE(at::kFloat, [&] { backward_impl(dy.const_data_ptr<float>(), L, xs.const_data_ptr<bf16>(),
                                                        h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
-                                                       down.const_data_ptr<float>(), H, I, dx.data_ptr<bf16>(),
-                                                       dgate_up.data_ptr<float>(), ddown.data_ptr<float>()); })
+                                                       down.const_data_ptr<float>(), wp, yp, H, I, dxs.data_ptr<bf16>(),
+                                                       dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
+                                                       dw.data_ptr<float>()); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_impl(dy.const_data_ptr<bf16>(), L, xs.const_data_ptr<bf16>(),
                                                           h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
-                                                          down.const_data_ptr<float>(), H, I, dx.data_ptr<bf16>(),
-                                                          dgate_up.data_ptr<float>(), ddown.data_ptr<float>()); }));
-  return {dx, dgate_up, ddown};
+                                                          down.const_data_ptr<float>(), wp, yp, H, I, dxs.data_ptr<bf16>(),
+                                                          dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
+                                                          dw.data_ptr<float>()); }));
+  if (!w.defined()) return {dxs, dgate_up, ddown, dw};
+  at::Tensor dx = at::empty({R, H}, dy.options().dtype(at::kFloat));
+  const bf16* sp = dxs.const_data_ptr<bf16>();
+  float* dp = dx.data_ptr<float>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t c = 0; c < H; c += 16) {
+        __m512 acc = load16(sp + t * k * H + c);
+        for (int64_t j = 1; j < k; ++j) acc = _mm512_add_ps(acc, load16(sp + (t * k + j) * H + c));
+        store16(dp + t * H + c, acc);
+      }
+  });
+  return {dx, dgate_up, ddown, dw};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
-  m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down) -> (Tensor, Tensor, Tensor)");
+  m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down, Tensor? weights) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor xs, Tensor h, Tensor gate_up, "
-        "Tensor down) -> (Tensor, Tensor, Tensor)");
+        "Tensor down, Tensor? weights, Tensor? y) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
