@@ -233,9 +233,11 @@ void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, 
         pack_rows(xs + p0 * H, H, kR, H, Xv + j * ld_b(H), ld_b(H));
       }
       for (int64_t m0 = 0; m0 < H; m0 += kR)  // dWd (+)= dY^T A
-        cpublas::brgemm(kR, I, kc, ldT, ld_b(I), I, c0 > 0, dYt + m0 * ldT, Av, ddown + e * H * I + m0 * I, true);
+        cpublas::brgemm(std::min(kR, H - m0), I, kc, ldT, ld_b(I), I, c0 > 0, dYt + m0 * ldT, Av, ddown + e * H * I + m0 * I,
+                        true);
       for (int64_t m0 = 0; m0 < I2; m0 += kR)  // dWgu (+)= dH^T X
-        cpublas::brgemm(kR, H, kc, ldT, ld_b(H), H, c0 > 0, dHt + m0 * ldT, Xv, dgate_up + e * I2 * H + m0 * H, true);
+        cpublas::brgemm(std::min(kR, I2 - m0), H, kc, ldT, ld_b(H), H, c0 > 0, dHt + m0 * ldT, Xv,
+                        dgate_up + e * I2 * H + m0 * H, true);
     }
   });
 }
