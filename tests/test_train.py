@@ -101,7 +101,7 @@ def test_cpu_bf16_autocast_routed_experts_match_fp32(monkeypatch, kernel):
     """The same for a whole Experts layer over tokens (k = 3 choices each, experts left idle): the bf16 path
     gathers tokens straight into the per-expert rows and sums each token's k slot gradients in fp32."""
     g = torch.Generator().manual_seed(1)
-    E, H, inter, N, k = 8, 64 if kernel else 48, 32, 50, 3
+    E, H, inter, N, k = 8, 96 if kernel else 48, 32, 50, 3  # 96: a partial 64-row weight-gradient tile
     calls = _experts_kernel(monkeypatch, kernel, H, inter)
     experts = Experts(E, H, inter)
     with torch.no_grad():
