@@ -4,7 +4,7 @@
 // dA = dY Wd_e, dH from dA, dX = dH Wgu_e, dWd_e = dY^T A, dWgu_e = dH^T X_e. One oneDNN GEMM per expert and
 // product (what autocast runs) reached 0.4-0.5 TFLOP/s for the experts' share of the `small` training step, a
 // quarter of the machine's bf16 matmul peak: every call casts or re-packs its operands, the gathers, SwiGLU and its
-// gradient are separate passes, and two threads meet at a barrier after each small GEMM. Here one thread takes
+// gradient are separate passes, and each small GEMM is split across the threads. Here one thread takes
 // one expert at a time (largest first): it casts and packs the expert's fp32 weights once into the brgemm B layout
 // (VNNI), gathers 64 rows at a time straight from the tokens, runs each product as brgemm micro-kernels
 // (AMX, bf16 x bf16 -> fp32) and does the elementwise work on the fp32 results while they are in cache; the
@@ -13,6 +13,8 @@
 // A routed call (router weights given) also returns the weighted sum over each token's k experts, in fp32, and
 // its backward scales the rows by the weights as it gathers them, returns the router weights' gradient and sums
 // each token's k input gradients: the elementwise passes autograd would make over [tokens, k, hidden].
+// At the `small` preset's shapes (8192 tokens, 4 of 32 experts, hidden 512, width 256), forward + backward took
+// 68-79 ms against 125-128 ms for the per-expert oneDNN path, 2 threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,7 +28,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <numeric>
 #include <vector>
 
 namespace {
