@@ -7,9 +7,10 @@ Both models train the main next-token loss only (transformers has no MTP), so ds
 computes it as its own library does: dsv3's `cross_entropy` (its CPU kernel), and for transformers the fp32 upcast of
 the logits and F.cross_entropy that its ForCausalLMLoss runs.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
-matmul peak of the machine in the same dtype. Medians over --repeats steps after a warm-up step, the two sides'
-steps interleaved. Like `dsv3 train` on CPU, the process keeps freed memory for reuse (`keep_freed_memory`), which
-speeds up both sides.
+matmul peak of the machine in the same dtype (the best reading of those taken before the steps and after each pair
+of them: this VM's peak changes from minute to minute). Medians over --repeats steps after a warm-up step, the two
+sides' steps interleaved. Like `dsv3 train` on CPU, the process keeps freed memory for reuse (`keep_freed_memory`),
+which speeds up both sides.
 
 The default batch, 16 sequences of 512 tokens (8192 tokens per step), is a small training batch; smaller ones
 (4 x 256) leave the step dominated by per-operation overhead on both sides.
@@ -81,20 +82,22 @@ def main() -> None:
     sides = [(ours_loss, ours_opt), (hf_loss, hf_opt)]
     for loss_fn, opt in sides:  # warm-up
         train_step(loss_fn, opt, batch, autocast)
-    times = [[], []]
+    times, peaks = [[], []], [_matmul_peak_flops(mm_dtype)]
     for _ in range(args.repeats):  # interleaved, so both sides see the same background load
         for t, (loss_fn, opt) in zip(times, sides):
             t.append(train_step(loss_fn, opt, batch, autocast))
+        peaks.append(_matmul_peak_flops.__wrapped__(mm_dtype))
     t_ours, t_hf = statistics.median(times[0]), statistics.median(times[1])
     tokens = args.batch * args.seq
-    # the larger of the peak measured before the steps and after them: this VM's bf16 matmul peak reads either
-    # ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
-    peak = max(_matmul_peak_flops(mm_dtype), _matmul_peak_flops.__wrapped__(mm_dtype))
+    # the largest of the peaks measured before the steps and after each pair of them: this VM's bf16 matmul peak
+    # reads either ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
+    peak = max(peaks)
     fpt = flops_per_token(cfg, args.seq)
     res = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
            "dsv3_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf, "ratio": t_hf / t_ours,
            "dsv3_mfu": tokens * fpt / t_ours / peak, "hf_mfu": tokens * fpt / t_hf / peak,
-           "matmul_peak_tflops": peak / 1e12, "dsv3_step_s": times[0], "hf_step_s": times[1],
+           "matmul_peak_tflops": peak / 1e12, "peak_readings_tflops": [p / 1e12 for p in peaks],
+           "dsv3_step_s": times[0], "hf_step_s": times[1],
            "loadavg_before": before, "loadavg_after": loadavg(),
            "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(f"| {args.preset} train step, {args.dtype}, {args.batch}x{args.seq} | tokens/s | MFU |\n|---|---:|---:|")
