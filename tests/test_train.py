@@ -12,7 +12,7 @@ from dsv3.model.moe import Experts, MoE, expert_ffn
 from dsv3.model.transformer import _BlockwiseCrossEntropy, cross_entropy
 from dsv3.train.balance import max_vio, routers, update_biases
 from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
-from dsv3.train.trainer import TrainArgs, Trainer, TrainError
+from dsv3.train.trainer import PeakMeter, TrainArgs, Trainer, TrainError
 
 
 def test_bias_update_direction_and_size():
@@ -123,6 +123,22 @@ def test_cpu_bf16_autocast_routed_experts_match_fp32(monkeypatch, kernel):
         assert ((got - ref).norm() / ref.norm()).item() < 0.01
     assert grads[1][3][6:].abs().max() == 0  # idle experts: zero weight gradients
     assert len(calls) == kernel
+
+
+def test_peak_meter_rereads_on_cpu_and_keeps_the_best():
+    """The MFU denominator: read at start-up, read again on CPU once the interval has passed (not before), the best
+    reading kept (a slow reading later does not lower it), times the number of processes; on GPUs read once."""
+    now, readings = [0.0], iter([1.0, 3.0, 2.0])
+    meter = PeakMeter(torch.bfloat16, torch.device("cpu"), scale=2, every_s=60, read=lambda: next(readings),
+                      clock=lambda: now[0])
+    assert meter.refresh() == 2.0  # the start-up reading, x2 processes; the next is not due
+    now[0] = 61
+    assert meter.refresh() == 6.0
+    now[0] = 200
+    assert meter.refresh() == 6.0  # 2.0 read, 3.0 kept
+    gpu = PeakMeter(torch.bfloat16, torch.device("cuda"), read=lambda: 5.0, clock=lambda: now[0])
+    now[0] = 10_000
+    assert gpu.refresh() == 5.0
 
 
 @pytest.mark.parametrize("kernel", [True, False])

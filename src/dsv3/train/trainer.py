@@ -149,7 +149,8 @@ def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -
     a busy 2-core VM read anywhere from 0.53 to 1.45 TFLOP/s in bf16 within one morning)."""
     device = torch.device(device)
     n = 4096 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(0)  # not the global RNG: training's random streams stay put
+    a, b = (torch.randn(n, n, dtype=dtype, device=device, generator=g) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(10):
@@ -161,6 +162,27 @@ def _matmul_peak_flops(dtype: torch.dtype, device: torch.device | str = "cpu") -
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+class PeakMeter:
+    """The MFU denominator during training: the best matmul peak read so far. On CPU it is read again (outside the
+    timed steps) once `every_s` seconds have passed: a shared machine's reading at start-up can be far below what it
+    does minutes later (the 2-core dev VM reads ~0.7 or ~2.1 TFLOP/s in bf16 from one minute to the next), and a
+    low denominator would inflate the logged MFU."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, scale: int = 1, every_s: float = 60.0,
+                 read=None, clock=time.monotonic):
+        self.dtype, self.device, self.scale, self.every_s, self.clock = dtype, device, scale, every_s, clock
+        self.read = read or (lambda: _matmul_peak_flops.__wrapped__(dtype, device))
+        self.peak = (_matmul_peak_flops(dtype, device) if read is None else self.read()) * scale
+        self.due = clock() + every_s
+
+    def refresh(self) -> float:
+        """The best peak so far (FLOP/s, times `scale`), after a new reading if one is due (CPU only)."""
+        if self.device.type == "cpu" and self.clock() >= self.due:
+            self.peak = max(self.peak, self.read() * self.scale)
+            self.due = self.clock() + self.every_s
+        return self.peak
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -226,7 +248,7 @@ class Trainer:
         self.schedule = 0.0  # where the LR / MTP / bias schedules stand, in steps (see _schedule_position)
         self.autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
         peak_dtype = torch.bfloat16 if self.autocast_dtype else torch.float32
-        self.peak = _matmul_peak_flops(peak_dtype, self.device) * self.world
+        self.peak_meter = PeakMeter(peak_dtype, self.device, self.world)
         self.flops_tok = flops_per_token(cfg, args.seq_len)
         self.best_eval: dict | None = None
         if resume_from is not None:
@@ -364,7 +386,7 @@ class Trainer:
         vio = [max_vio(c) for c in loads[:n_main]] if loads else []
         rec = {"step": self.step + 1, **sums, "lr": lr, "schedule_step": pos, "grad_norm": grad_norm,
                "mtp_lambda": lam, "bias_gamma": gamma, "tokens_per_s": tokens / dt,
-               "mfu": tokens * self.flops_tok / dt / self.peak,
+               "mfu": tokens * self.flops_tok / dt / self.peak_meter.peak,
                "max_vio": sum(vio) / len(vio) if vio else 0.0, "max_vio_per_layer": vio,
                "expert_load": [(c / c.sum()).tolist() for c in loads[:n_main]] if loads else [],
                "time": time.time()}
@@ -483,6 +505,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         try:
             while self.step < end:
+                self.peak_meter.refresh()  # a new reading now and then, before the step's clock starts
                 rec = self.train_step()
                 if rec.get("skipped"):
                     bad += 1
