@@ -234,10 +234,11 @@ class Experts(nn.Module):
         # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
         # would break a torch.compile graph)
         counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        if _cpu_bf16_training(x, self.gate_up_proj) and kernels.experts_ok(x, self.gate_up_proj, self.down_proj):
-            w = weights.float().contiguous()  # fp32 already (the router's)
-            return _CPUExpertsKernel.apply(x, w, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
-        if _cpu_bf16_training(x, self.gate_up_proj):  # the gathers and scatters inside, fused with the padding
+        if _cpu_bf16_training(x, self.gate_up_proj):
+            if kernels.experts_ok(x, self.gate_up_proj, self.down_proj):  # the weighted sum inside too
+                w = weights.float().contiguous()  # fp32 already (the router's)
+                return _CPUExpertsKernel.apply(x, w, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
+            # the gathers and scatters inside, fused with the padding
             out = _CPUExpertsBF16.apply(x, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
         else:
             # index_select, not x[token]: its backward is an index_add, ~15x faster on CPU than indexing's index_put

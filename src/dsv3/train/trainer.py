@@ -172,7 +172,7 @@ class PeakMeter:
 
     def __init__(self, dtype: torch.dtype, device: torch.device, scale: int = 1, every_s: float = 60.0,
                  read=None, clock=time.monotonic):
-        self.dtype, self.device, self.scale, self.every_s, self.clock = dtype, device, scale, every_s, clock
+        self.device, self.scale, self.every_s, self.clock = device, scale, every_s, clock
         self.read = read or (lambda: _matmul_peak_flops.__wrapped__(dtype, device))
         self.peak = (_matmul_peak_flops(dtype, device) if read is None else self.read()) * scale
         self.due = clock() + every_s
