@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dsv3 import DeepseekV3, ModelConfig, kernels
 from dsv3.model.layers import Linear
+from dsv3.model.transformer import cross_entropy
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU without AVX512-BF16 or no C++ compiler")
 
@@ -239,3 +240,60 @@ def test_fused_rms_norm_matches_aten(dtype, dim, strided, monkeypatch):
         assert got.dtype == ref.dtype
         rtol = 1e-6 if got.dtype == torch.float32 else 2 ** -7  # bf16 dx: sums in another order may round one ulp off
         torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=1e-6 * ref.float().abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_bf16_output_and_gradient(dtype):
+    """bf16_out writes exactly the fp32 result rounded to bf16 (what autocast feeds the next matmul), and a bf16
+    output gradient gives exactly the gradients of the same values in fp32."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(70, 256, generator=g) * 3).to(dtype)
+    w = torch.rand(256, generator=g) + 0.5
+    y32, rstd = kernels.rms_norm_forward(x, w, 1e-6)
+    y16, rstd16 = kernels.rms_norm_forward(x, w, 1e-6, True)
+    assert y32.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    assert torch.equal(y16, y32.bfloat16()) and torch.equal(rstd16, rstd)
+    dy = torch.randn(70, 256, generator=g).bfloat16()
+    for got, ref in zip(kernels.rms_norm_backward(dy, x, w, rstd), kernels.rms_norm_backward(dy.float(), x, w, rstd)):
+        assert torch.equal(got, ref)
+
+
+@needs_kernels
+def test_bf16_training_norms_hand_matmuls_bf16():
+    """Under CPU bf16 autocast the norms whose outputs only feed linear layers (and the experts) write bf16 and the
+    rest fp32; the forward's loss is bit-identical to every norm writing fp32 (autocast casts to those values
+    anyway), and the gradients agree to bf16 noise (the consumers' input gradients are summed in bf16)."""
+    from dsv3.model.layers import RMSNorm
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 65))
+    flagged = {n for n, m in model.named_modules() if isinstance(m, RMSNorm) and m.feeds_matmuls}
+    assert flagged and all(n.split(".")[-1] in ("input_layernorm", "post_attention_layernorm", "q_a_layernorm",
+                                                "kv_a_layernorm", "enorm", "hnorm") for n in flagged)
+    dtypes = {}
+    for n, m in model.named_modules():
+        if isinstance(m, RMSNorm):
+            m.register_forward_hook(lambda mod, args, out, n=n: dtypes.__setitem__(n, out.dtype))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.forward_train(ids[:, :-1])
+        loss = cross_entropy(out.logits, ids[:, 1:]) + cross_entropy(out.mtp_logits[0], ids[:, 2:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = run()
+    assert {n for n, d in dtypes.items() if d == torch.bfloat16} == flagged
+    assert dtypes["model.norm"] == torch.float32
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.feeds_matmuls = False
+    ref_loss, ref_grads = run()
+    assert all(d == torch.float32 for d in dtypes.values())
+    assert torch.equal(loss, ref_loss)
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads) if b.norm() > 0)
+    assert worst < 0.03

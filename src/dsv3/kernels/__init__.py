@@ -144,13 +144,14 @@ def rms_norm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[-1] % 16 == 0 and available())
 
 
-def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
-    """x [R, D] (rows contiguous), w [D] fp32 -> (w * x.dtype(x * rsqrt(mean(x^2) + eps)) [R, D] fp32, rsqrt [R])."""
-    return torch.ops.dsv3.rms_norm_forward(x, w, eps)
+def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float, bf16_out: bool = False):
+    """x [R, D] (rows contiguous), w [D] fp32 -> (w * x.dtype(x * rsqrt(mean(x^2) + eps)) [R, D] fp32, or rounded
+    to bf16 with bf16_out; rsqrt [R])."""
+    return torch.ops.dsv3.rms_norm_forward(x, w, eps, bf16_out)
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
-    """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above."""
+    """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above; dy fp32 or bf16."""
     return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd)
 
 

@@ -18,8 +18,8 @@ namespace {
 
 using namespace dsv3_vec;
 
-template <typename T>
-void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D, int64_t begin, int64_t end, float* y,
+template <typename T, typename Y>
+void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D, int64_t begin, int64_t end, Y* y,
                   float* rstd) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
@@ -38,23 +38,23 @@ void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D,
 
 // dn = cast(dy * w) (the gradient reaching the rounded normalised x), n = x * r:
 // dx = r * (dn - n * mean(dn * n)), dw += dy * cast(n)
-template <typename T>
-void backward_rows(const float* dy, const T* x, int64_t ldx, const float* w, const float* rstd, int64_t D, int64_t begin,
+template <typename T, typename G>
+void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const float* rstd, int64_t D, int64_t begin,
                    int64_t end, T* dx, float* dw) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
-    const float* g = dy + i * D;
+    const G* g = dy + i * D;
     const __m512 vr = _mm512_set1_ps(rstd[i]);
     __m512 s = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      __m512 n = _mm512_mul_ps(load16(xr + d), vr), gd = _mm512_loadu_ps(g + d);
+      __m512 n = _mm512_mul_ps(load16(xr + d), vr), gd = load16(g + d);
       s = _mm512_fmadd_ps(round_as<T>(_mm512_mul_ps(gd, _mm512_loadu_ps(w + d))), n, s);
       _mm512_storeu_ps(dw + d, _mm512_fmadd_ps(gd, round_as<T>(n), _mm512_loadu_ps(dw + d)));
     }
     const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / float(D));
     for (int64_t d = 0; d < D; d += 16) {
       __m512 n = _mm512_mul_ps(load16(xr + d), vr);
-      __m512 dn = round_as<T>(_mm512_mul_ps(_mm512_loadu_ps(g + d), _mm512_loadu_ps(w + d)));
+      __m512 dn = round_as<T>(_mm512_mul_ps(load16(g + d), _mm512_loadu_ps(w + d)));
       store16(dx + i * D + d, _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn)));
     }
   }
@@ -67,18 +67,22 @@ void check(const at::Tensor& x, const at::Tensor& w) {
               "rms_norm: an fp32 weight [dim] with dim a multiple of 16 expected");
 }
 
-// x [R, D] -> y [R, D] fp32 and rstd [R] fp32
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& w, double eps) {
+// x [R, D] -> y [R, D] (fp32, or rounded to bf16 with bf16_out: what autocast would feed the next matmul) and
+// rstd [R] fp32
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& w, double eps, bool bf16_out) {
   check(x, w);
   const int64_t R = x.size(0), D = x.size(1);
-  at::Tensor y = at::empty({R, D}, x.options().dtype(at::kFloat)), rstd = at::empty({R}, y.options());
+  at::Tensor y = at::empty({R, D}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  at::Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
-    if (x.scalar_type() == at::kFloat)
-      forward_rows(x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<float>(), float(eps), D, begin, end,
-                   y.data_ptr<float>(), rstd.data_ptr<float>());
-    else
-      forward_rows(x.const_data_ptr<bf16>(), x.stride(0), w.const_data_ptr<float>(), float(eps), D, begin, end,
-                   y.data_ptr<float>(), rstd.data_ptr<float>());
+    auto rows = [&](auto* xp, auto* yp) {
+      forward_rows(xp, x.stride(0), w.const_data_ptr<float>(), float(eps), D, begin, end, yp, rstd.data_ptr<float>());
+    };
+    const bool xf = x.scalar_type() == at::kFloat;
+    if (xf && !bf16_out) rows(x.const_data_ptr<float>(), y.data_ptr<float>());
+    else if (xf) rows(x.const_data_ptr<float>(), y.data_ptr<bf16>());
+    else if (!bf16_out) rows(x.const_data_ptr<bf16>(), y.data_ptr<float>());
+    else rows(x.const_data_ptr<bf16>(), y.data_ptr<bf16>());
   });
   return {y, rstd};
 }
@@ -87,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                                      const at::Tensor& rstd) {
   check(x, w);
-  TORCH_CHECK(dy.scalar_type() == at::kFloat && dy.is_contiguous() && dy.sizes() == x.sizes(),
-              "rms_norm: dy must be contiguous fp32 shaped like x");
+  TORCH_CHECK((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16) && dy.is_contiguous() &&
+              dy.sizes() == x.sizes(), "rms_norm: dy must be contiguous fp32 or bf16 shaped like x");
   const int64_t R = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
@@ -97,12 +101,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t begin = R * c / chunks, end = R * (c + 1) / chunks;
       float* dw = partial.data_ptr<float>() + c * D;
-      if (x.scalar_type() == at::kFloat)
-        backward_rows(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<float>(),
-                      rstd.const_data_ptr<float>(), D, begin, end, dx.data_ptr<float>(), dw);
-      else
-        backward_rows(dy.const_data_ptr<float>(), x.const_data_ptr<bf16>(), x.stride(0), w.const_data_ptr<float>(),
-                      rstd.const_data_ptr<float>(), D, begin, end, dx.data_ptr<bf16>(), dw);
+      auto rows = [&](auto* gp, auto* xp, auto* dxp) {
+        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw);
+      };
+      const bool gf = dy.scalar_type() == at::kFloat;
+      if (x.scalar_type() == at::kFloat) {
+        if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
+        else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
+      } else {
+        if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
+        else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
+      }
     }
   });
   return {dx, partial.sum(0)};
@@ -111,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
-  m.def("rms_norm_forward(Tensor x, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_forward(Tensor x, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
 }
 

@@ -53,10 +53,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(H, nh * qk, bias=False)
         else:
             self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, feeds_matmuls=True)
             self.q_b_proj = Linear(cfg.q_lora_rank, nh * qk, bias=False)
         self.kv_a_proj_with_mqa = Linear(H, self.rank + self.rope, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps, feeds_matmuls=True)
         self.kv_b_proj = Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(nh * self.v_dim, H, bias=cfg.attention_bias)
 

@@ -14,14 +14,22 @@ from ..config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """feeds_matmuls: every consumer of the output is a linear layer (or the experts), so under CPU bf16 autocast
+    the fused training kernel may write it in bf16: the values autocast would cast it to anyway, one write of half
+    the size instead of an fp32 output cast again by each consumer (and their gradients cast back and summed in
+    fp32). The forward's numbers are unchanged; the consumers' input gradients are summed in bf16."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, feeds_matmuls: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.feeds_matmuls = feeds_matmuls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.weight.requires_grad and kernels.rms_norm_ok(x, self.weight):
-            return _FusedRMSNorm.apply(x, self.weight, self.eps)  # CPU training: the same numbers, one pass
+            bf16 = (self.feeds_matmuls and torch.is_autocast_enabled("cpu")
+                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return _FusedRMSNorm.apply(x, self.weight, self.eps, bf16)  # CPU training: the same numbers, one pass
         # Normalise in fp32 (ATen's rms_norm upcasts: x * rsqrt(mean(x^2) + eps)), cast back to x's dtype,
         # then scale: the order transformers and the official code use.
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -29,14 +37,14 @@ class RMSNorm(nn.Module):
 
 class _FusedRMSNorm(torch.autograd.Function):
     """RMSNorm.forward's formula through dsv3's CPU kernel (kernels/cpu_rmsnorm.cpp): fp32 or bf16 x, fp32 weight,
-    fp32 result, as the mul of the fp32 weight with the normalised x promotes it."""
+    fp32 result, as the mul of the fp32 weight with the normalised x promotes it (rounded to bf16 when `bf16`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, bf16: bool):
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        y, rstd = kernels.rms_norm_forward(rows, weight, eps)
+        y, rstd = kernels.rms_norm_forward(rows, weight, eps, bf16)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -45,8 +53,11 @@ class _FusedRMSNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         rows, weight, rstd = ctx.saved_tensors
-        dx, dw = kernels.rms_norm_backward(dy.reshape(rows.shape).float().contiguous(), rows, weight, rstd)
-        return dx.view(ctx.shape), dw, None
+        dy = dy.reshape(rows.shape)
+        if dy.dtype not in (torch.float32, torch.bfloat16):
+            dy = dy.float()
+        dx, dw = kernels.rms_norm_backward(dy.contiguous(), rows, weight, rstd)
+        return dx.view(ctx.shape), dw, None, None
 
 
 @contextmanager

@@ -43,7 +43,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> weights [N, k] (fp32), expert indices [N, k], scores [N, E] (fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        # in fp32, unless autocast runs the product in its own dtype anyway (then x may arrive in it: no round trip)
+        logits = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.float(), self.weight.float())
         sigmoid = self.cfg.scoring_func == "sigmoid"
         scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias
@@ -288,7 +289,11 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, idx, scores = self.gate(flat)
-        y = self.experts(flat, weights, idx).to(x.dtype).view(B, T, H)
+        y = self.experts(flat, weights, idx)
+        # x's dtype; under autocast the wider of the two (CPU training's norm hands x over in bf16, and the
+        # experts' fp32 weighted sum stays fp32, as before)
+        y = y.to(torch.promote_types(y.dtype, x.dtype) if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        y = y.view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if stats is not None:

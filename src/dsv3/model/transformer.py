@@ -26,8 +26,8 @@ class DecoderLayer(nn.Module):
         mtp = layer_idx >= cfg.num_hidden_layers
         moe = bool(cfg.n_routed_experts) if mtp else cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
 
     def _ffn(self, h, stats):
         x = self.post_attention_layernorm(h)
@@ -56,8 +56,8 @@ class MTPLayer(DecoderLayer):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
