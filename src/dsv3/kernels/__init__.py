@@ -184,13 +184,13 @@ def experts_forward(x, order, k: int, counts: list[int], gate_up, down, weights=
     """SwiGLU experts on x [R, H]: order [M] int64 puts the (token, choice) slots in expert order (token = slot // k;
     None: x's rows are already in expert order, k = 1), counts [E] rows per expert, fp32 gate_up [E, 2I, H] and
     down [E, H, I] (cast to bf16, products summed in fp32), router weights [R, k] fp32 (with order) or None.
-    Returns (y [M, H] bf16 by slot; for the backward the gathered rows and the gate/up activations, bf16; with
-    weights, out [R, H] = sum_j weights[:, j] y[slot (t, j)] in fp32, else an empty tensor)."""
+    Returns (y [M, H] bf16 by slot; for the backward the gate/up activations h, bf16; with weights, out [R, H] =
+    sum_j weights[:, j] y[slot (t, j)] in fp32, else an empty tensor)."""
     return torch.ops.dsv3.experts_forward(x, order, k, counts, gate_up, down, weights)
 
 
-def experts_backward(dy, order, k: int, counts: list[int], xs, h, gate_up, down, weights=None, y=None):
-    """Gradients for the forward above from dy, the gradient of out [R, H] (with weights; y is then the forward's
-    y) or of y [M, H]: (dx: [R, H] fp32 with weights, else [M, H] bf16 by row; dgate_up, ddown fp32; dweights
-    [R, k] fp32 with weights, else empty)."""
-    return torch.ops.dsv3.experts_backward(dy, order, k, counts, xs, h, gate_up, down, weights, y)
+def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, weights=None):
+    """Gradients for the forward above (x: its x in bf16, h: its h) from dy, the gradient of out [R, H] (with
+    weights) or of y [M, H]: (dx: [R, H] fp32 with weights, else [M, H] bf16 by row; dgate_up, ddown fp32;
+    dweights [R, k] fp32 with weights, else empty)."""
+    return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights)

@@ -11,8 +11,9 @@
 // weight gradients contract over the expert's rows in chunks, written straight into the fp32 gradients.
 // Rounding follows autocast: H is stored in bf16 and SwiGLU reads the rounded values; the products sum in fp32.
 // A routed call (router weights given) also returns the weighted sum over each token's k experts, in fp32, and
-// its backward scales the rows by the weights as it gathers them, returns the router weights' gradient and sums
-// each token's k input gradients: the elementwise passes autograd would make over [tokens, k, hidden].
+// its backward applies the weights to the products' fp32 results, returns the router weights' gradient (from
+// dout Wd and the recomputed SwiGLU output, so the experts' outputs need not be kept) and sums each token's k
+// input gradients: the elementwise passes autograd would make over [tokens, k, hidden].
 // At the `small` preset's shapes (8192 tokens, 4 of 32 experts, hidden 512, width 256), forward + backward took
 // 68-79 ms against 125-128 ms for the per-expert oneDNN path, 2 threads.
 
@@ -115,37 +116,13 @@ void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, 
   }
 }
 
-// The combined output's gradient routed to the block's slots: dst row i = bf16(w[s] dout[s / k]) for slot
-// s = slot(i), and dw[s] = dout[s / k] . y[s] (the gradient of the router weight)
-template <typename T, typename Slot>
-void gather_weighted(const T* dout, const float* w, const bf16* y, int64_t k, int64_t D, int64_t rows, Slot slot,
-                     bf16* dst, int64_t ldd, float* dw) {
-  for (int64_t i = 0; i < kR; ++i) {
-    bf16* d = dst + i * ldd;
-    if (i >= rows) {
-      std::memset(d, 0, D * sizeof(bf16));
-      continue;
-    }
-    const int64_t s = slot(i);
-    const T* g = dout + s / k * D;
-    const __m512 ws = _mm512_set1_ps(w[s]);
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t c = 0; c < D; c += 16) {
-      const __m512 v = load16(g + c);
-      store16(d + c, _mm512_mul_ps(v, ws));
-      dot = _mm512_fmadd_ps(v, load16(y + s * D + c), dot);
-    }
-    dw[s] = _mm512_reduce_add_ps(dot);
-  }
-}
-
 inline __m512 sigmoid16(__m512 g) {
   return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
 template <typename T>
 void forward_impl(const T* x, const Layout& L, const float* gate_up, const float* down, int64_t H, int64_t I,
-                  bf16* y, bf16* xs, bf16* h) {
+                  bf16* y, bf16* h) {
   const int64_t I2 = 2 * I;
   for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
     Carve c = carve(scratch, (H * ld_b(I2) + I * ld_b(H) + kR * (ld_a(H) + ld_a(I))) * 2 +
@@ -161,7 +138,6 @@ void forward_impl(const T* x, const Layout& L, const float* gate_up, const float
     for (int64_t r0 = 0; r0 < L.count[e]; r0 += kR) {
       const int64_t rows = std::min(kR, L.count[e] - r0), i0 = L.first[e] + r0, p0 = L.pstart[e] + r0;
       gather_rows(x, H, rows, [&](int64_t i) { return L.slot(i0 + i) / L.k; }, Xb, ld_a(H));
-      for (int64_t i = 0; i < kR; ++i) std::memcpy(xs + (p0 + i) * H, Xb + i * ld_a(H), H * sizeof(bf16));
       cpublas::brgemm(kR, I2, H, ld_a(H), ld_b(I2), ld_c(I2), false, Xb, Bgu, C1, true);  // H = X Wgu^T
       bf16* hb = h + p0 * I2;
       for (int64_t i = 0; i < kR; ++i) {
@@ -183,13 +159,13 @@ void forward_impl(const T* x, const Layout& L, const float* gate_up, const float
 }
 
 template <typename T>
-void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, const float* gate_up,
-                   const float* down, const float* w, const bf16* y, int64_t H, int64_t I, bf16* dx, float* dgate_up,
-                   float* ddown, float* dw) {
+void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, const float* gate_up,
+                   const float* down, const float* w, int64_t H, int64_t I, bf16* dx, float* dgate_up, float* ddown,
+                   float* dw) {
   const int64_t I2 = 2 * I, ldT = ld_a(kC);
   for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
     Carve c = carve(scratch, (H * ld_b(I) + I2 * ld_b(H) + kR * (ld_a(H) + ld_a(I2) + I) + (H + I2) * ldT +
-                              kC * (ld_b(I) + ld_b(H))) * 2 + kR * (ld_c(I) + ld_c(H)) * 4 + 12 * 64);
+                              kC * (ld_b(I) + ld_b(H)) + kR * H) * 2 + kR * (ld_c(I) + ld_c(H)) * 4 + 13 * 64);
     bf16* Bd = c.take<bf16>(H * ld_b(I));    // VNNI of Wd [H, I]: B of dA = dY Wd
     bf16* Bgu = c.take<bf16>(I2 * ld_b(H));  // VNNI of Wgu [2I, H]: B of dX = dH Wgu
     bf16* dYb = c.take<bf16>(kR * ld_a(H));  // the block's dY rows
@@ -199,6 +175,7 @@ void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, 
     bf16* dHt = c.take<bf16>(I2 * ldT);      // dH^T of the chunk: A of dWgu
     bf16* Av = c.take<bf16>(kC * ld_b(I));      // VNNI of the chunk's A rows: B of dWd
     bf16* Xv = c.take<bf16>(kC * ld_b(H));      // VNNI of the chunk's X rows: B of dWgu
+    bf16* Xg = c.take<bf16>(kR * H);            // the block's X rows
     float* dA = c.take<float>(kR * ld_c(I));
     float* dXb = c.take<float>(kR * ld_c(H));
     pack_rows(down + e * H * I, I, H, I, Bd, ld_b(I));
@@ -209,20 +186,28 @@ void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, 
       for (int64_t r0 = c0; r0 < c0 + kc; r0 += kR) {
         const int64_t rows = std::min(kR, n - r0), i0 = L.first[e] + r0, p0 = L.pstart[e] + r0, j = r0 - c0;
         auto slot = [&](int64_t i) { return L.slot(i0 + i); };
-        if (w) gather_weighted(dy, w, y, L.k, H, rows, slot, dYb, ld_a(H), dw);
+        if (w) gather_rows(dy, H, rows, [&](int64_t i) { return slot(i) / L.k; }, dYb, ld_a(H));  // unscaled
         else gather_rows(dy, H, rows, slot, dYb, ld_a(H));
         cpublas::brgemm(kR, I, H, ld_a(H), ld_b(I), ld_c(I), false, dYb, Bd, dA, true);  // dA = dY Wd
         const bf16* hb = h + p0 * I2;
-        for (int64_t i = 0; i < kR; ++i)
+        for (int64_t i = 0; i < kR; ++i) {
+          // With router weights slot s's dY is w[s] dout[s / k]: w[s] scales dA here and A for dWd = dY^T A, and
+          // the weight's gradient dout . y[s] is (dout Wd) . A, so y need not be kept from the forward.
+          const __m512 ws = _mm512_set1_ps(!w ? 1.f : i < rows ? w[slot(i)] : 0.f);
+          __m512 dot = _mm512_setzero_ps();
           for (int64_t d = 0; d < I; d += 16) {
-            const __m512 g = load16(hb + i * I2 + d), u = load16(hb + i * I2 + I + d), da = load16(dA + i * ld_c(I) + d);
-            const __m512 s = sigmoid16(g), sg = _mm512_mul_ps(g, s);
+            const __m512 g = load16(hb + i * I2 + d), u = load16(hb + i * I2 + I + d), dy_wd = load16(dA + i * ld_c(I) + d);
+            const __m512 s = sigmoid16(g), sg = _mm512_mul_ps(g, s), a = round_as<bf16>(_mm512_mul_ps(sg, u));
+            const __m512 da = _mm512_mul_ps(dy_wd, ws);
+            dot = _mm512_fmadd_ps(dy_wd, a, dot);
             // dG = dA U silu'(G) with silu'(g) = s (1 + g (1 - s)); dU = dA silu(G)
             const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(_mm512_set1_ps(1.f), s), _mm512_set1_ps(1.f)));
-            store16(Ab + i * I + d, _mm512_mul_ps(sg, u));
+            store16(Ab + i * I + d, _mm512_mul_ps(a, ws));
             store16(dHb + i * ld_a(I2) + d, _mm512_mul_ps(_mm512_mul_ps(da, u), dsilu));
             store16(dHb + i * ld_a(I2) + I + d, _mm512_mul_ps(da, sg));
           }
+          if (w && i < rows) dw[slot(i)] = _mm512_reduce_add_ps(dot);
+        }
         cpublas::brgemm(kR, H, I2, ld_a(I2), ld_b(H), ld_c(H), false, dHb, Bgu, dXb, true);  // dX = dH Wgu
         for (int64_t i = 0; i < rows; ++i) {
           bf16* dr = dx + L.slot(i0 + i) * H;
@@ -231,7 +216,8 @@ void backward_impl(const T* dy, const Layout& L, const bf16* xs, const bf16* h, 
         transpose(dYb, ld_a(H), kR, H, dYt + j, ldT);
         transpose(dHb, ld_a(I2), kR, I2, dHt + j, ldT);
         pack_rows(Ab, I, kR, I, Av + j * ld_b(I), ld_b(I));
-        pack_rows(xs + p0 * H, H, kR, H, Xv + j * ld_b(H), ld_b(H));
+        gather_rows(x, H, rows, [&](int64_t i) { return slot(i) / L.k; }, Xg, H);  // the block's rows again
+        pack_rows(Xg, H, kR, H, Xv + j * ld_b(H), ld_b(H));
       }
       for (int64_t m0 = 0; m0 < H; m0 += kR)  // dWd (+)= dY^T A
         cpublas::brgemm(std::min(kR, H - m0), I, kc, ldT, ld_b(I), I, c0 > 0, dYt + m0 * ldT, Av, ddown + e * H * I + m0 * I,
@@ -263,9 +249,9 @@ at::Tensor router_weights(const std::optional<at::Tensor>& weights, const Layout
 
 // x [R, H] fp32 or bf16 (contiguous); order int64 [M] (token slot of each row sorted by expert; token = slot / k)
 // or none (x's rows already sorted, M = R, k = 1); counts [E] rows per expert; weights [R, k] fp32 (with order)
-// or none. Returns y [M, H] bf16 (by slot); for the backward the gathered rows xs [P, H] and H = X Wgu^T [P, 2I]
+// or none. Returns y [M, H] bf16 (by slot); for the backward H = X Wgu^T [P, 2I]
 // (bf16, padded per expert); and with weights out [R, H] = sum_j weights[t, j] y[t k + j] in fp32 (else empty).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
     const at::Tensor& gate_up, const at::Tensor& down, const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
@@ -276,14 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
   TORCH_CHECK(L.rows() == R * (L.order ? k : 1), "experts_forward: counts do not match x");
   const at::Tensor w = router_weights(weights, L, R);
   const auto bopt = x.options().dtype(at::kBFloat16);
-  at::Tensor y = at::empty({L.rows(), H}, bopt), xs = at::empty({L.padded, H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
+  at::Tensor y = at::empty({L.rows(), H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
   AT_DISPATCH_SWITCH(x.scalar_type(), "experts_forward",
       AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl(x.const_data_ptr<float>(), L, gate_up.const_data_ptr<float>(),
                                                       down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
-                                                      xs.data_ptr<bf16>(), h.data_ptr<bf16>()); })
+                                                      h.data_ptr<bf16>()); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { forward_impl(x.const_data_ptr<bf16>(), L, gate_up.const_data_ptr<float>(),
                                                          down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
-                                                         xs.data_ptr<bf16>(), h.data_ptr<bf16>()); }));
+                                                         h.data_ptr<bf16>()); }));
   at::Tensor out = at::empty({w.defined() ? R : 0, H}, x.options().dtype(at::kFloat));
   if (w.defined()) {
     const float* wp = w.const_data_ptr<float>();
@@ -298,17 +284,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_forward(
         }
     });
   }
-  return {y, xs, h, out};
+  return {y, h, out};
 }
 
-// dy: the gradient of the forward's out [R, H] when it had weights, else of y [M, H] (by slot); fp32 or bf16. The
-// rest as for the forward (y: its y, with weights). Returns dx (with weights [R, H] fp32, each token's k slots
-// summed in fp32; else [M, H] bf16 by row), dgate_up and ddown fp32 (zero for experts without rows), and with
-// weights dweights [R, k] fp32 (else empty).
+// dy: the gradient of the forward's out [R, H] when it had weights, else of y [M, H] (by slot); fp32 or bf16. x: the
+// forward's x in bf16 (its rows are gathered again rather than kept); the rest as for the forward. Returns dx (with
+// weights [R, H] fp32, each token's k slots summed in fp32; else [M, H] bf16 by row), dgate_up and ddown fp32 (zero
+// for experts without rows), and with weights dweights [R, k] fp32 (else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
-    const at::Tensor& xs, const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down,
-    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& y) {
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down,
+    const std::optional<at::Tensor>& weights) {
   const int64_t H = dy.size(1), I = down.size(2);
   check_weights(gate_up, down, counts.size(), H);
   const Layout L(order, k, counts);
@@ -317,26 +303,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.size(0) == (w.defined() ? R : L.rows()) &&
               (dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16),
               "experts_backward: contiguous fp32 or bf16 dy expected, [R, H] with weights, else [M, H]");
-  TORCH_CHECK(xs.is_contiguous() && h.is_contiguous() && xs.size(0) == L.padded && h.size(0) == L.padded &&
-              xs.size(1) == H && h.size(1) == 2 * I, "experts_backward: xs and h must be the forward's");
-  TORCH_CHECK(!w.defined() || (y.has_value() && y->is_contiguous() && y->scalar_type() == at::kBFloat16 &&
-                               y->size(0) == L.rows() && y->size(1) == H), "experts_backward: y must be the forward's");
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(0) == R && x.size(1) == H,
+              "experts_backward: x must be the forward's x, in bf16");
+  TORCH_CHECK(h.is_contiguous() && h.size(0) == L.padded && h.size(1) == 2 * I, "experts_backward: h must be the forward's");
   at::Tensor dxs = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
   at::Tensor dgate_up = at::empty_like(gate_up), ddown = at::empty_like(down);
   at::Tensor dw = at::empty({w.defined() ? R : 0, k}, dy.options().dtype(at::kFloat));
   for (size_t e = 0; e < L.count.size(); ++e)
     if (!L.count[e]) dgate_up[e].zero_(), ddown[e].zero_();
   const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
-  const bf16* yp = w.defined() ? y->const_data_ptr<bf16>() : nullptr;
   AT_DISPATCH_SWITCH(dy.scalar_type(), "experts_backward",
-      AT_DISPATCH_CASE(at::kFloat, [&] { backward_impl(dy.const_data_ptr<float>(), L, xs.const_data_ptr<bf16>(),
+      AT_DISPATCH_CASE(at::kFloat, [&] { backward_impl(dy.const_data_ptr<float>(), L, x.const_data_ptr<bf16>(),
                                                        h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
-                                                       down.const_data_ptr<float>(), wp, yp, H, I, dxs.data_ptr<bf16>(),
+                                                       down.const_data_ptr<float>(), wp, H, I, dxs.data_ptr<bf16>(),
                                                        dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
                                                        dw.data_ptr<float>()); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_impl(dy.const_data_ptr<bf16>(), L, xs.const_data_ptr<bf16>(),
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { backward_impl(dy.const_data_ptr<bf16>(), L, x.const_data_ptr<bf16>(),
                                                           h.const_data_ptr<bf16>(), gate_up.const_data_ptr<float>(),
-                                                          down.const_data_ptr<float>(), wp, yp, H, I, dxs.data_ptr<bf16>(),
+                                                          down.const_data_ptr<float>(), wp, H, I, dxs.data_ptr<bf16>(),
                                                           dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
                                                           dw.data_ptr<float>()); }));
   if (!w.defined()) return {dxs, dgate_up, ddown, dw};
@@ -358,9 +342,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down, Tensor? weights) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor xs, Tensor h, Tensor gate_up, "
-        "Tensor down, Tensor? weights, Tensor? y) -> (Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor x, Tensor h, Tensor gate_up, "
+        "Tensor down, Tensor? weights) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {

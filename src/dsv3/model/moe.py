@@ -195,17 +195,19 @@ class _CPUExpertsKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, order, k: int, counts: list[int], gate_up, down):
-        y, xs, h, out = kernels.experts_forward(x.contiguous(), order, k, counts, gate_up, down, weights)
-        ctx.save_for_backward(order, xs, h, gate_up, down, weights, y if weights is not None else None)
+        x = x.contiguous()
+        y, h, out = kernels.experts_forward(x, order, k, counts, gate_up, down, weights)
+        # the backward gathers x's rows again (bf16: CPU training's norm hands x over in bf16 already)
+        ctx.save_for_backward(order, x.to(torch.bfloat16), h, gate_up, down, weights)
         ctx.k, ctx.counts, ctx.x_dtype = k, counts, x.dtype
         return out if weights is not None else y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        order, xs, h, gate_up, down, weights, y = ctx.saved_tensors
-        dx, dgate_up, ddown, dweights = kernels.experts_backward(dy.contiguous(), order, ctx.k, ctx.counts, xs, h,
-                                                                 gate_up, down, weights, y)
+        order, x, h, gate_up, down, weights = ctx.saved_tensors
+        dx, dgate_up, ddown, dweights = kernels.experts_backward(dy.contiguous(), order, ctx.k, ctx.counts, x, h,
+                                                                 gate_up, down, weights)
         dweights = dweights if weights is not None else None
         return dx.to(ctx.x_dtype), dweights, None, None, None, dgate_up, ddown
 
