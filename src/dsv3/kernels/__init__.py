@@ -34,8 +34,10 @@ import torch
 _SOURCES = [Path(__file__).with_name(n) for n in (
     "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp", "cpu_experts.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("vec.h", "pack.h")]  # included by the training kernels
+# -ffp-contract=off: no a * b + c fused behind the code's back, so the kernels' rounding does not change with the
+# compiler's inlining choices (an unrelated edit to a shared header moved attention outputs by an ulp)
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+          "-mavx512bf16", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 

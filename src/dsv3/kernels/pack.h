@@ -47,11 +47,50 @@ inline void transpose(const bf16* src, int64_t lds, int64_t rows, int64_t cols, 
     }
 }
 
+// r[i] (16 dwords each) <- the transposed 16 x 16 matrix: r[j] holds dword j of every former row, in row order
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: interleave rows 2i, 2i + 1
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: dword 4L + c of rows 4i .. 4i + 3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)  // gather the lanes: rows 8i .. 8i + 7
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_i32x4(r[8 * i + c], r[8 * i + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+  }
+}
+
 // B operand X^T [D, rows] for X [rows, D] (ld lds): its VNNI form [D/2][rows][2] is X's 32-bit words transposed
-// (from fp32 X: its pairs of floats, rounded), ldo (>= rows) pairs apart; rows % 16 == 0, D even
+// (from fp32 X: its pairs of floats, rounded), ldo (>= rows) pairs apart; rows % 16 == 0, D even. With D % 32 == 0,
+// 16 x 16 blocks of words are transposed in registers (several times faster than the gathers of the general case).
 template <typename T>
 inline void pack_transposed(const T* src, int64_t lds, int64_t rows, int64_t D, bf16* out, int64_t ldo) {
   auto* o = reinterpret_cast<uint32_t*>(out);
+  if (D % 32 == 0) {
+    for (int64_t n = 0; n < rows; n += 16)
+      for (int64_t p = 0; p < D / 2; p += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          const T* s = src + (n + i) * lds + 2 * p;
+          if constexpr (std::is_same_v<T, bf16>) r[i] = _mm512_loadu_si512(s);
+          else r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 16), _mm512_loadu_ps(s));
+        }
+        transpose16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(o + (p + j) * ldo + n, r[j]);
+      }
+    return;
+  }
   if constexpr (std::is_same_v<T, bf16>) {
     const __m512i idx = row_offsets(lds / 2);
     for (int64_t n = 0; n < rows; n += 16)
