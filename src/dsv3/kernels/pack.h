@@ -73,7 +73,7 @@ inline void transpose16(__m512i r[16]) {
 
 // B operand X^T [D, rows] for X [rows, D] (ld lds): its VNNI form [D/2][rows][2] is X's 32-bit words transposed
 // (from fp32 X: its pairs of floats, rounded), ldo (>= rows) pairs apart; rows % 16 == 0, D even. With D % 32 == 0,
-// 16 x 16 blocks of words are transposed in registers (several times faster than the gathers of the general case).
+// 16 x 16 blocks of words are transposed in registers (about twice as fast as the gathers of the general case).
 template <typename T>
 inline void pack_transposed(const T* src, int64_t lds, int64_t rows, int64_t D, bf16* out, int64_t ldo) {
   auto* o = reinterpret_cast<uint32_t*>(out);

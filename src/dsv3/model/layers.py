@@ -53,10 +53,8 @@ class _FusedRMSNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         rows, weight, rstd = ctx.saved_tensors
-        dy = dy.reshape(rows.shape)
-        if dy.dtype not in (torch.float32, torch.bfloat16):
-            dy = dy.float()
-        dx, dw = kernels.rms_norm_backward(dy.contiguous(), rows, weight, rstd)
+        # dy arrives in the output's dtype, fp32 or bf16: the kernel reads both
+        dx, dw = kernels.rms_norm_backward(dy.reshape(rows.shape).contiguous(), rows, weight, rstd)
         return dx.view(ctx.shape), dw, None, None
 
 
