@@ -140,6 +140,8 @@ def _errors(results, q, k, v, go, mask, scale):
     (1, 2, 200, 64, 64, "documents"),  # packed documents: tiles outside every document are skipped
     (2, 2, 150, 32, 16, "padding"),  # right padding (rows that only see themselves), as prefill builds it
     (1, 2, 70, 192, 128, "causal"),  # DeepSeek-V3's head dims
+    (1, 1, 1100, 64, 32, "causal"),  # more keys than one 512-key softmax pass: a running max across passes
+    (1, 1, 1100, 32, 16, "documents"),  # and query chunks whose key tiles skip blocks
 ])
 def test_attention_kernels_match_fp32_sdpa(B, H, T, Dq, Dv, kind):
     """Output and gradients from the AMX kernels against SDPA's fp32 forward and backward on the same bf16

@@ -1,12 +1,18 @@
 // Causal / masked softmax attention for bf16 training on CPUs with AMX: forward and backward.
 //
 // ATen's CPU flash-attention backward costs ~7x its forward at training shapes (16 x 8 heads x 512 tokens x 64):
-// it calls a general GEMM per 64 x 512 tile with bf16 results accumulated in place. These kernels tile queries
-// and keys by 64 and run each tile's products (forward: S = Q K^T, O += P V; backward: S, dP = dO V^T,
-// dV^T += dO^T P, dQ += dS K, dK^T += Q^T dS) as oneDNN brgemm micro-kernels (bf16 x bf16 -> fp32, AMX) on
-// operands packed once per head, keep every sum in fp32 and skip tiles the mask leaves empty. The forward keeps
-// a running max and sum per row and returns the log-sum-exp, from which the backward rebuilds
+// it calls a general GEMM per 64 x 512 tile with bf16 results accumulated in place. These kernels work on one
+// (batch, head) at a time, 64 queries at a time against up to 512 keys, and run the products as oneDNN brgemm
+// micro-kernels (bf16 x bf16 -> fp32, AMX) on operands packed once per head, keeping every sum in fp32 and
+// skipping tiles the mask leaves empty. The forward returns the log-sum-exp, from which the backward rebuilds
 // P = exp(scale * S - lse), as in FlashAttention-2.
+//
+// The loops are ordered around a cost of ATen's brgemm: a call with another shape than the thread's previous
+// one reloads the AMX tile configuration, ~450-900 cycles on the dev VM, as much as a 64 x 64 x 64 product
+// itself. So the 64 x 64 score tiles of a query block are computed back to back, the softmax runs over the
+// whole block of up to 512 keys (no running rescale per tile), and P V, dQ, dK and dV are single products
+// that contract over all the block's keys or queries (alone, brgemm runs 64 x 64 x 256 at ~2x the FLOP/s of
+// 64 x 64 x 64).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,22 +34,36 @@ using namespace dsv3_vec;
 using namespace dsv3_pack;
 namespace cpublas = at::native::cpublas;
 
-// dst[n * ldd + d] = bf16(src[d * lds + n]) for n < rows (src holds whole 16-row groups), D and ldd even
-void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, bf16* dst, int64_t ldd) {
-  const __m512i idx = row_offsets(ldd / 2);
-  for (int64_t n = 0; n < rows; n += 16) {
-    const __mmask16 keep = rows - n >= 16 ? 0xFFFF : (__mmask16)((1u << (rows - n)) - 1);
-    for (int64_t d = 0; d < D; d += 2) {
-      __m512i w = interleave(to_bf16(_mm512_loadu_ps(src + d * lds + n)), to_bf16(_mm512_loadu_ps(src + (d + 1) * lds + n)));
-      _mm512_mask_i32scatter_epi32(dst + n * ldd + d, keep, idx, w, 4);
-    }
-  }
+constexpr int64_t kB = 64;        // queries per block and keys per score tile
+constexpr int64_t kChunk = 512;   // keys per softmax pass: a block's scores (64 x 512 fp32) stay in L2
+
+// 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf (grown as needed)
+std::vector<char*> carve(std::vector<char>& buf, std::initializer_list<int64_t> bytes) {
+  int64_t total = 64;
+  for (int64_t b : bytes) total += round_up<int64_t>(b, 64);
+  if (int64_t(buf.size()) < total) buf.resize(total);
+  char* p = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(buf.data()), 64));
+  std::vector<char*> out;
+  for (int64_t b : bytes) out.push_back(p), p += round_up<int64_t>(b, 64);
+  return out;
 }
 
-// rows [T, D] (ld lds) -> contiguous [Tp, D], zero rows past T
-void copy_rows(const bf16* src, int64_t lds, int64_t T, int64_t Tp, int64_t D, bf16* dst) {
-  for (int64_t i = 0; i < T; ++i) std::memcpy(dst + i * D, src + i * lds, D * sizeof(bf16));
-  std::memset(dst + T * D, 0, (Tp - T) * D * sizeof(bf16));
+// dst[n * ldd + d] = bf16(src[d * lds + n]) for n < rows (src holds whole 16-column groups), D % 16 == 0
+void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, bf16* dst, int64_t ldd) {
+  for (int64_t n = 0; n < rows; n += 16)
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(src + (d + i) * lds + n));
+      transpose16(r);
+      for (int64_t j = 0; j < std::min<int64_t>(16, rows - n); ++j)
+        _mm256_storeu_si256((__m256i*)(dst + (n + j) * ldd + d), to_bf16(_mm512_castsi512_ps(r[j])));
+    }
+}
+
+// rows [T, D] (ld lds) -> [Tp, D] (ld ldd), zero rows past T
+void copy_rows(const bf16* src, int64_t lds, int64_t T, int64_t Tp, int64_t D, bf16* dst, int64_t ldd) {
+  for (int64_t i = 0; i < T; ++i) std::memcpy(dst + i * ldd, src + i * lds, D * sizeof(bf16));
+  for (int64_t i = T; i < Tp; ++i) std::memset(dst + i * ldd, 0, D * sizeof(bf16));
 }
 
 // [first, last + 1) of the true entries of row[0, n), 64 at a time; (n, 0) when there are none
@@ -68,6 +88,7 @@ struct Mask {  // bool [Tq, Tk] of one (batch, head), or none (causal / full)
 
 // Which of keys n .. n + 15 query qi may see: inside Tk, at or before qi when causal, allowed by the mask
 inline __mmask16 visible(int64_t qi, int64_t n, int64_t Tq, int64_t Tk, bool causal, const Mask& mask) {
+  if (!mask.data && n + 16 <= Tk && (!causal || n + 15 <= qi)) return 0xFFFF;  // the common case, cheaply
   const int64_t cols = std::min<int64_t>(16, Tk - n);
   if (cols <= 0) return 0;
   __mmask16 keep = cols == 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
@@ -93,96 +114,203 @@ std::pair<int64_t, int64_t> key_range(int64_t m0, int64_t rows, int64_t Tk, bool
   return {lo, hi};
 }
 
-constexpr int64_t kB = 64;  // queries and keys per tile (128: 10-40% slower at 256-2048 tokens)
+// Forward of one (batch, head): per block of 64 queries and chunk of up to 512 keys, the score tiles
+// S = Q K^T, then per row the max and P = exp(scale * S - max) (rounded to bf16 for the P V product, as ATen's
+// CPU flash kernel does; summed in fp32), then O += P V in one product; a running max and sum carry across
+// chunks. out = O / sum and lse = max + log(sum) for the backward.
+void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, Mask mask,
+                  bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
+                  float* lse, int64_t ldl, std::vector<char>& scratch) {
+  const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
+  const int64_t kc = std::min(Tkp, kChunk);
+  // leading dims padded past powers of two (pack.h): ~1.7x the brgemm speed
+  const int64_t ldqa = ld_a(Dq), ldkt = ld_b(kB), ldvp = ld_b(Dv), lds = ld_c(kc), ldp = ld_a(kc), ldoc = ld_c(Dv);
+  const auto s = carve(scratch, {Tqp * ldqa * 2, Tkp * Dq * 2, Tkp * Dv * 2, nkb * Dq * ldkt * 2, Tkp * ldvp * 2,
+                                 kB * ldp * 2, kB * lds * 4, kB * ldoc * 4, kB * 4, kB * 4});
+  bf16* Qr = (bf16*)s[0];   // [Tqp, Dq] queries, zero rows past Tq (A of S)
+  bf16* Kr = (bf16*)s[1];   // [Tkp, Dq] keys, zero rows past Tk
+  bf16* Vr = (bf16*)s[2];   // [Tkp, Dv] values
+  bf16* KTp = (bf16*)s[3];  // per key tile: VNNI of K^T [Dq, kB] (B of S)
+  bf16* Vp = (bf16*)s[4];   // VNNI of V [Tkp, Dv] (B of P V)
+  bf16* P = (bf16*)s[5];    // [kB, kc] bf16 (A of P V)
+  float* S = (float*)s[6];  // [kB, kc] scores
+  float* O = (float*)s[7];  // [kB, Dv] unnormalised output of the query block
+  float* M = (float*)s[8];  // [kB] running max of scale * S per row, in base 2 (times log2 e)
+  float* L = (float*)s[9];  // [kB] running sum of exp(scale * S) / exp(max)
 
+  copy_rows(q, ldq, Tq, Tqp, Dq, Qr, ldqa);
+  copy_rows(k, ldk, Tk, Tkp, Dq, Kr, Dq);
+  copy_rows(v, ldv, Tk, Tkp, Dv, Vr, Dv);
+  for (int64_t t = 0; t < nkb; ++t) pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * Dq * ldkt, ldkt);
+  pack_rows(Vr, Dv, Tkp, Dv, Vp, ldvp);
+  const float scale2 = scale * float(M_LOG2E);  // exponents in base 2: one multiply less per score
+  const __m512 vs2 = _mm512_set1_ps(scale2), ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t qb = 0; qb < nqb; ++qb) {
+    const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
+    const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
+    std::fill(M, M + kB, -INFINITY);
+    std::fill(L, L + kB, 0.f);
+    bool started = false;  // O holds the products of earlier chunks
+    for (int64_t c0 = lo / kB * kB; c0 < hi; c0 += kc) {
+      const int64_t w = std::min(round_up(hi, kB), c0 + kc) - c0;
+      for (int64_t n = 0; n < w; n += kB)
+        cpublas::brgemm(kB, kB, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + (c0 + n) / kB * Dq * ldkt, S + n, true);
+      for (int64_t i = 0; i < kB; ++i) {
+        const float* srow = S + i * lds;
+        __m512 mx = ninf;
+        for (int64_t c = 0; c < w; c += 16)
+          mx = _mm512_mask_max_ps(mx, visible(m0 + i, c0 + c, Tq, Tk, causal, mask), mx, _mm512_loadu_ps(srow + c));
+        const float m_new = std::max(M[i], _mm512_reduce_max_ps(mx) * scale2);  // scale > 0
+        if (m_new == -INFINITY) {  // nothing visible yet in this row
+          std::memset(P + i * ldp, 0, w * sizeof(bf16));
+          continue;
+        }
+        const __m512 vm = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < w; c += 16) {
+          const __m512 p = _mm512_maskz_mov_ps(visible(m0 + i, c0 + c, Tq, Tk, causal, mask),
+                                               exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(srow + c), vs2, vm)));
+          sum = _mm512_add_ps(sum, p);  // in fp32, as ATen's kernel sums: the lse the backward starts from
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + i * ldp + c), to_bf16(p));
+        }
+        if (M[i] != -INFINITY && started) {  // rescale what earlier chunks summed
+          const float corr = std::exp2(M[i] - m_new);
+          L[i] *= corr;
+          const __m512 vc = _mm512_set1_ps(corr);
+          for (int64_t d = 0; d < Dv; d += 16) _mm512_storeu_ps(O + i * ldoc + d, _mm512_mul_ps(_mm512_loadu_ps(O + i * ldoc + d), vc));
+        }
+        L[i] += _mm512_reduce_add_ps(sum);
+        M[i] = m_new;
+      }
+      cpublas::brgemm(kB, Dv, w, ldp, ldvp, ldoc, started, P, Vp + c0 * ldvp, O, true);  // O += P V
+      started = true;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const float l = L[i];
+      const __m512 inv = _mm512_set1_ps(l > 0.f ? 1.f / l : 0.f);
+      for (int64_t d = 0; d < Dv; d += 16)
+        _mm256_storeu_si256((__m256i*)(out + (m0 + i) * ldo + d),
+                            started ? to_bf16(_mm512_mul_ps(_mm512_loadu_ps(O + i * ldoc + d), inv)) : _mm256_setzero_si256());
+      lse[(m0 + i) * ldl] = l > 0.f ? M[i] * float(M_LN2) + std::log(l) : -INFINITY;
+    }
+  }
+}
+
+// Backward of one (batch, head). Per block of 64 queries: the score tiles S and dP = dO V^T for up to 512 keys
+// at a time, then P and dS = P (dP - rowsum(dO O)) scale per row, then dQ = dS K over all the block's keys.
+// Query blocks are taken up to 512 queries at a time (a chunk), whose P and dS columns are kept per key tile,
+// so that dV^T += dO^T P and dK^T += Q^T dS contract over the chunk's queries.
 void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv,
                    const bf16* o, int64_t ldo, const bf16* go, int64_t ldgo, const float* lse, int64_t ldl, Mask mask,
                    bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* dq, int64_t lddq,
                    bf16* dk, int64_t lddk, bf16* dv, int64_t lddv, std::vector<char>& scratch) {
   const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
-  // leading dims of the transposed buffers: an odd number of cache lines, so that walking down a column does not
-  // keep landing in the same few L1 sets (power-of-two strides made the packing several times slower)
-  const int64_t ldt = Tqp + 32, ldg = Tkp + 16;
-  const int64_t n_bf16 = Tqp * (Dq + Dv) + (Dq + Dv) * ldt + 2 * Tkp * (Dq + Dv) + Tkp * Dq + 3 * kB * kB;
-  const int64_t n_f32 = (Dq + Dv) * ldg + kB * Dq + 2 * kB * kB + 2 * Tqp;
-  scratch.resize(n_bf16 * 2 + n_f32 * 4 + 128);
-  auto* b = reinterpret_cast<bf16*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(scratch.data()), 64));
-  bf16* Qr = b;                 // [Tqp, Dq] queries, zero rows past Tq (A of S)
-  bf16* GOr = Qr + Tqp * Dq;    // [Tqp, Dv] dO (A of dP)
-  bf16* Qt = GOr + Tqp * Dv;    // [Dq, Tqp] Q^T (A of dK^T)
-  bf16* GOt = Qt + Dq * ldt;    // [Dv, Tqp] dO^T (A of dV^T)
-  bf16* Kr = GOt + Dv * ldt;    // [Tkp, Dq] keys, zero rows past Tk
-  bf16* Vr = Kr + Tkp * Dq;     // [Tkp, Dv] values
-  bf16* KTp = Vr + Tkp * Dv;    // per key tile: VNNI of K^T [Dq, kB] (B of S)
-  bf16* VTp = KTp + Tkp * Dq;   // per key tile: VNNI of V^T [Dv, kB] (B of dP)
-  bf16* Kp = VTp + Tkp * Dv;    // per key tile: VNNI of K [kB, Dq] (B of dQ)
-  bf16* Pp = Kp + Tkp * Dq;     // VNNI of P [kB, kB] (B of dV^T)
-  bf16* dSp = Pp + kB * kB;     // VNNI of dS [kB, kB] (B of dK^T)
-  bf16* dSr = dSp + kB * kB;    // dS [kB, kB] row-major (A of dQ)
-  auto* f = reinterpret_cast<float*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(dSr + kB * kB), 64));
-  float* dKt = f;               // [Dq, Tkp] (ld ldg)
-  float* dVt = dKt + Dq * ldg;  // [Dv, Tkp] (ld ldg)
-  float* dQb = dVt + Dv * ldg;  // [kB, Dq]
-  float* S = dQb + kB * Dq;     // [kB, kB]
-  float* dP = S + kB * kB;      // [kB, kB]
-  float* L = dP + kB * kB;      // [Tqp] log-sum-exp
-  float* Dd = L + Tqp;          // [Tqp] rowsum(dO * O)
+  const int64_t kc = std::min(Tkp, kChunk);
+  // queries per chunk: its P and dS columns (2 x qc x Tkp bf16) ~1 MB, to stay in L2
+  const int64_t qc = std::clamp<int64_t>((int64_t(1) << 18) / Tkp / kB * kB, kB, 8 * kB), nqc = qc / kB;
+  // leading dims padded past powers of two (pack.h), for brgemm and for walking down columns
+  const int64_t ldqa = ld_a(Dq), ldga = ld_a(Dv), ldt = ld_a(Tqp), ldkt = ld_b(kB), ldkp = ld_b(Dq), ldpc = ld_b(kB),
+                ldsr = ld_a(Tkp), lds = ld_c(kc), ldg = ld_c(Tkp);
+  const auto s = carve(scratch, {Tqp * ldqa * 2, Tqp * ldga * 2, Dq * ldt * 2, Dv * ldt * 2, Tkp * Dq * 2,
+                                 Tkp * Dv * 2, nkb * Dq * ldkt * 2, nkb * Dv * ldkt * 2, Tkp * ldkp * 2,
+                                 nkb * qc * ldpc * 2, nkb * qc * ldpc * 2, kB * ldsr * 2, (Dq + Dv) * ldg * 4,
+                                 kB * Dq * 4, kB * lds * 4, kB * lds * 4, Tqp * 4, Tqp * 4});
+  bf16* Qr = (bf16*)s[0];     // [Tqp, Dq] queries, zero rows past Tq (A of S)
+  bf16* GOr = (bf16*)s[1];    // [Tqp, Dv] dO (A of dP)
+  bf16* Qt = (bf16*)s[2];     // [Dq, Tqp] Q^T (A of dK^T)
+  bf16* GOt = (bf16*)s[3];    // [Dv, Tqp] dO^T (A of dV^T)
+  bf16* Kr = (bf16*)s[4];     // [Tkp, Dq] keys, zero rows past Tk
+  bf16* Vr = (bf16*)s[5];     // [Tkp, Dv] values
+  bf16* KTp = (bf16*)s[6];    // per key tile: VNNI of K^T [Dq, kB] (B of S)
+  bf16* VTp = (bf16*)s[7];    // per key tile: VNNI of V^T [Dv, kB] (B of dP)
+  bf16* Kp = (bf16*)s[8];     // VNNI of K [Tkp, Dq] (B of dQ)
+  bf16* Pc = (bf16*)s[9];     // per key tile: VNNI of P [qc, kB] over the chunk's queries (B of dV^T)
+  bf16* dSc = (bf16*)s[10];   // the same for dS (B of dK^T)
+  bf16* dSr = (bf16*)s[11];   // dS [kB, Tkp] of the query block (A of dQ)
+  float* dKt = (float*)s[12]; // [Dq, Tkp] then dV^T [Dv, Tkp]
+  float* dVt = dKt + Dq * ldg;
+  float* dQb = (float*)s[13]; // [kB, Dq]
+  float* S = (float*)s[14];   // [kB, kc]
+  float* dP = (float*)s[15];  // [kB, kc]
+  float* L = (float*)s[16];   // [Tqp] log-sum-exp times log2 e
+  float* Dd = (float*)s[17];  // [Tqp] scale * rowsum(dO * O)
 
-  copy_rows(q, ldq, Tq, Tqp, Dq, Qr);
-  copy_rows(go, ldgo, Tq, Tqp, Dv, GOr);
-  copy_rows(k, ldk, Tk, Tkp, Dq, Kr);
-  copy_rows(v, ldv, Tk, Tkp, Dv, Vr);
-  transpose(Qr, Dq, Tqp, Dq, Qt, ldt);
-  transpose(GOr, Dv, Tqp, Dv, GOt, ldt);
+  copy_rows(q, ldq, Tq, Tqp, Dq, Qr, ldqa);
+  copy_rows(go, ldgo, Tq, Tqp, Dv, GOr, ldga);
+  copy_rows(k, ldk, Tk, Tkp, Dq, Kr, Dq);
+  copy_rows(v, ldv, Tk, Tkp, Dv, Vr, Dv);
+  transpose(Qr, ldqa, Tqp, Dq, Qt, ldt);
+  transpose(GOr, ldga, Tqp, Dv, GOt, ldt);
   for (int64_t i = 0; i < Tqp; ++i) {
     __m512 acc = _mm512_setzero_ps();
     if (i < Tq)
-      for (int64_t d = 0; d < Dv; d += 16) acc = _mm512_fmadd_ps(load16(go + i * ldgo + d), load16(o + i * ldo + d), acc);
-    Dd[i] = _mm512_reduce_add_ps(acc);
-    L[i] = i < Tq ? lse[i * ldl] : INFINITY;  // padded rows: P = 0
+      for (int64_t d = 0; d < Dv; d += 16) acc = _mm512_fmadd_ps(load16(GOr + i * ldga + d), load16(o + i * ldo + d), acc);
+    Dd[i] = _mm512_reduce_add_ps(acc) * scale;
+    L[i] = i < Tq ? lse[i * ldl] * float(M_LOG2E) : INFINITY;  // base 2; padded rows: P = 0
   }
   for (int64_t t = 0; t < nkb; ++t) {
-    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq, kB);
-    pack_transposed(Vr + t * kB * Dv, Dv, kB, Dv, VTp + t * kB * Dv, kB);
-    pack_rows(Kr + t * kB * Dq, Dq, kB, Dq, Kp + t * kB * Dq, Dq);
+    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * Dq * ldkt, ldkt);
+    pack_transposed(Vr + t * kB * Dv, Dv, kB, Dv, VTp + t * Dv * ldkt, ldkt);
   }
+  pack_rows(Kr, Dq, Tkp, Dq, Kp, ldkp);
   std::fill(dKt, dKt + (Dq + Dv) * ldg, 0.f);
+  std::vector<int64_t> first(nkb), last(nkb);  // the chunk's query blocks that saw key tile t: [first, last]
 
-  for (int64_t qb = 0; qb < nqb; ++qb) {
-    const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
-    const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
-    bool first = true;
-    for (int64_t t = lo / kB; t * kB < hi; ++t) {
-      const int64_t n0 = t * kB;
-      cpublas::brgemm(kB, kB, Dq, Dq, kB, kB, false, Qr + m0 * Dq, KTp + t * kB * Dq, S, true);   // S = Q K^T
-      cpublas::brgemm(kB, kB, Dv, Dv, kB, kB, false, GOr + m0 * Dv, VTp + t * kB * Dv, dP, true); // dP = dO V^T
-      const __m512 vscale = _mm512_set1_ps(scale);
-      for (int64_t i = 0; i < kB; i += 2) {
-        for (int64_t c = 0; c < kB; c += 16) {
-          __m256i p2[2], ds2[2];
-          for (int r = 0; r < 2; ++r) {
-            const int64_t row = i + r, qi = m0 + row;
-            const __mmask16 keep = visible(qi, n0 + c, Tq, Tk, causal, mask);
-            __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(S + row * kB + c), vscale, _mm512_set1_ps(L[qi])));
-            p = _mm512_maskz_mov_ps(keep, p);
-            __m512 dpv = _mm512_loadu_ps(dP + row * kB + c);
-            __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dpv, _mm512_set1_ps(Dd[qi]))), vscale);
-            p2[r] = to_bf16(p), ds2[r] = to_bf16(ds);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSr + row * kB + c), ds2[r]);
+  const __m512 vscale = _mm512_set1_ps(scale), vs2 = _mm512_set1_ps(scale * float(M_LOG2E));
+  for (int64_t qb0 = 0; qb0 < nqb; qb0 += nqc) {
+    const int64_t qb1 = std::min(nqb, qb0 + nqc);
+    std::fill(first.begin(), first.end(), nqb);
+    std::fill(last.begin(), last.end(), int64_t(-1));
+    for (int64_t qb = qb0; qb < qb1; ++qb) {
+      const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
+      const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
+      const int64_t t0 = lo / kB, t1 = (hi + kB - 1) / kB;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (first[t] < nqb)  // blocks this key tile skipped since its first (only with masks): zeros in its products
+          for (int64_t z = last[t] + 1; z < qb; ++z) {
+            std::memset(Pc + (t * qc + (z - qb0) * kB) * ldpc, 0, kB * ldpc * sizeof(bf16));
+            std::memset(dSc + (t * qc + (z - qb0) * kB) * ldpc, 0, kB * ldpc * sizeof(bf16));
           }
-          _mm512_storeu_si512(Pp + i * kB + 2 * c, interleave(p2[0], p2[1]));
-          _mm512_storeu_si512(dSp + i * kB + 2 * c, interleave(ds2[0], ds2[1]));
+        first[t] = std::min(first[t], qb), last[t] = qb;
+      }
+      for (int64_t c0 = t0 * kB; c0 < t1 * kB; c0 += kc) {
+        const int64_t w = std::min(t1 * kB, c0 + kc) - c0;
+        for (int64_t n = 0; n < w; n += kB)  // S = Q K^T
+          cpublas::brgemm(kB, kB, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + (c0 + n) / kB * Dq * ldkt, S + n, true);
+        for (int64_t n = 0; n < w; n += kB)  // dP = dO V^T
+          cpublas::brgemm(kB, kB, Dv, ldga, ldkt, lds, false, GOr + m0 * ldga, VTp + (c0 + n) / kB * Dv * ldkt, dP + n, true);
+        for (int64_t i = 0; i < kB; i += 2) {
+          for (int64_t c = 0; c < w; c += 16) {
+            __m256i p2[2], ds2[2];
+            for (int r = 0; r < 2; ++r) {
+              const int64_t row = i + r, qi = m0 + row;
+              __m512 p = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(S + row * lds + c), vs2, _mm512_set1_ps(L[qi])));
+              p = _mm512_maskz_mov_ps(visible(qi, c0 + c, Tq, Tk, causal, mask), p);
+              const __m512 ds = _mm512_mul_ps(p, _mm512_fmsub_ps(_mm512_loadu_ps(dP + row * lds + c), vscale, _mm512_set1_ps(Dd[qi])));
+              p2[r] = to_bf16(p), ds2[r] = to_bf16(ds);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSr + row * ldsr + c0 + c), ds2[r]);
+            }
+            const int64_t n = c0 + c, at = ((n / kB) * qc + (qb - qb0) * kB + i) * ldpc + 2 * (n % kB);
+            _mm512_storeu_si512(Pc + at, interleave(p2[0], p2[1]));
+            _mm512_storeu_si512(dSc + at, interleave(ds2[0], ds2[1]));
+          }
         }
       }
-      cpublas::brgemm(Dv, kB, kB, ldt, kB, ldg, true, GOt + m0, Pp, dVt + n0, true);      // dV^T += dO^T P
-      cpublas::brgemm(Dq, kB, kB, ldt, kB, ldg, true, Qt + m0, dSp, dKt + n0, true);      // dK^T += Q^T dS
-      cpublas::brgemm(kB, Dq, kB, kB, Dq, Dq, !first, dSr, Kp + t * kB * Dq, dQb, true);  // dQ += dS K
-      first = false;
+      if (t0 < t1)  // dQ = dS K over the block's keys
+        cpublas::brgemm(kB, Dq, (t1 - t0) * kB, ldsr, ldkp, Dq, false, dSr + t0 * kB, Kp + t0 * kB * ldkp, dQb, true);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t d = 0; d < Dq; d += 16)
+          _mm256_storeu_si256((__m256i*)(dq + (m0 + i) * lddq + d),
+                              t0 < t1 ? to_bf16(_mm512_loadu_ps(dQb + i * Dq + d)) : _mm256_setzero_si256());
     }
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t d = 0; d < Dq; d += 16)
-        _mm256_storeu_si256((__m256i*)(dq + (m0 + i) * lddq + d),
-                            first ? _mm256_setzero_si256() : to_bf16(_mm512_loadu_ps(dQb + i * Dq + d)));
+    for (int64_t t = 0; t < nkb; ++t)  // dV^T += dO^T P over the chunk's queries
+      if (last[t] >= 0)
+        cpublas::brgemm(Dv, kB, (last[t] - first[t] + 1) * kB, ldt, ldpc, ldg, true, GOt + first[t] * kB,
+                        Pc + (t * qc + (first[t] - qb0) * kB) * ldpc, dVt + t * kB, true);
+    for (int64_t t = 0; t < nkb; ++t)  // dK^T += Q^T dS
+      if (last[t] >= 0)
+        cpublas::brgemm(Dq, kB, (last[t] - first[t] + 1) * kB, ldt, ldpc, ldg, true, Qt + first[t] * kB,
+                        dSc + (t * qc + (first[t] - qb0) * kB) * ldpc, dKt + t * kB, true);
   }
   store_transposed(dKt, ldg, Tk, Dq, dk, lddk);
   store_transposed(dVt, ldg, Tk, Dv, dv, lddv);
@@ -196,86 +324,6 @@ at::Tensor expanded_mask(const std::optional<at::Tensor>& attn_mask, int64_t B, 
   return mask.stride(3) == 1 ? mask : mask.contiguous();
 }
 
-// Forward of one (batch, head), FlashAttention-2 style: per 64-query tile, a running max and sum per row over
-// the visible key tiles, P = exp(scale * S - max) rounded to bf16 for the P V product (as ATen's CPU flash
-// kernel does), out = O / sum and lse = max + log(sum) for the backward.
-void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, Mask mask,
-                  bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
-                  float* lse, int64_t ldl, std::vector<char>& scratch) {
-  const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
-  const int64_t n_bf16 = Tqp * Dq + 2 * Tkp * (Dq + Dv) + kB * kB;
-  const int64_t n_f32 = kB * Dv + kB * kB + 2 * kB;
-  scratch.resize(n_bf16 * 2 + n_f32 * 4 + 128);
-  auto* b = reinterpret_cast<bf16*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(scratch.data()), 64));
-  bf16* Qr = b;                // [Tqp, Dq] queries, zero rows past Tq (A of S)
-  bf16* Kr = Qr + Tqp * Dq;    // [Tkp, Dq] keys, zero rows past Tk
-  bf16* Vr = Kr + Tkp * Dq;    // [Tkp, Dv] values
-  bf16* KTp = Vr + Tkp * Dv;   // per key tile: VNNI of K^T [Dq, kB] (B of S)
-  bf16* Vp = KTp + Tkp * Dq;   // per key tile: VNNI of V [kB, Dv] (B of P V)
-  bf16* Pr = Vp + Tkp * Dv;    // P [kB, kB] bf16 (A of P V)
-  auto* f = reinterpret_cast<float*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(Pr + kB * kB), 64));
-  float* O = f;                // [kB, Dv] unnormalised output of the query tile
-  float* S = O + kB * Dv;      // [kB, kB]
-  float* M = S + kB * kB;      // [kB] running max of scale * S per row
-  float* Lsum = M + kB;        // [kB] running sum of exp(scale * S - max)
-
-  copy_rows(q, ldq, Tq, Tqp, Dq, Qr);
-  copy_rows(k, ldk, Tk, Tkp, Dq, Kr);
-  copy_rows(v, ldv, Tk, Tkp, Dv, Vr);
-  for (int64_t t = 0; t < nkb; ++t) {
-    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * kB * Dq, kB);
-    pack_rows(Vr + t * kB * Dv, Dv, kB, Dv, Vp + t * kB * Dv, Dv);
-  }
-  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-  for (int64_t qb = 0; qb < nqb; ++qb) {
-    const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
-    const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
-    std::fill(O, O + kB * Dv, 0.f);
-    std::fill(M, M + kB, -INFINITY);
-    std::fill(Lsum, Lsum + kB, 0.f);
-    for (int64_t t = lo / kB; t * kB < hi; ++t) {
-      const int64_t n0 = t * kB;
-      cpublas::brgemm(kB, kB, Dq, Dq, kB, kB, false, Qr + m0 * Dq, KTp + t * kB * Dq, S, true);  // S = Q K^T
-      for (int64_t i = 0; i < kB; ++i) {
-        __m512 s[kB / 16];
-        __mmask16 keep[kB / 16];
-        __m512 mx = ninf;
-        for (int64_t c = 0; c < kB; c += 16) {
-          keep[c / 16] = visible(m0 + i, n0 + c, Tq, Tk, causal, mask);
-          s[c / 16] = _mm512_mask_mov_ps(ninf, keep[c / 16], _mm512_mul_ps(_mm512_loadu_ps(S + i * kB + c), vscale));
-          mx = _mm512_max_ps(mx, s[c / 16]);
-        }
-        const float m_new = std::max(M[i], _mm512_reduce_max_ps(mx));
-        if (m_new == -INFINITY) {  // nothing visible yet in this row
-          std::memset(Pr + i * kB, 0, kB * sizeof(bf16));
-          continue;
-        }
-        const float corr = std::exp(M[i] - m_new);  // 0 when the row had no visible key before
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < kB; c += 16) {
-          __m512 p = _mm512_maskz_mov_ps(keep[c / 16], exp16(_mm512_sub_ps(s[c / 16], _mm512_set1_ps(m_new))));
-          sum = _mm512_add_ps(sum, p);  // in fp32, as ATen's kernel sums: the lse the backward starts from
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pr + i * kB + c), to_bf16(p));
-        }
-        Lsum[i] = Lsum[i] * corr + _mm512_reduce_add_ps(sum);
-        M[i] = m_new;
-        if (corr != 1.f) {
-          const __m512 vc = _mm512_set1_ps(corr);
-          for (int64_t d = 0; d < Dv; d += 16) _mm512_storeu_ps(O + i * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(O + i * Dv + d), vc));
-        }
-      }
-      cpublas::brgemm(kB, Dv, kB, kB, Dv, Dv, true, Pr, Vp + t * kB * Dv, O, true);  // O += P V
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      const float l = Lsum[i];
-      const __m512 inv = _mm512_set1_ps(l > 0.f ? 1.f / l : 0.f);
-      for (int64_t d = 0; d < Dv; d += 16)
-        _mm256_storeu_si256((__m256i*)(out + (m0 + i) * ldo + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(O + i * Dv + d), inv)));
-      lse[(m0 + i) * ldl] = l > 0.f ? M[i] + std::log(l) : -INFINITY;
-    }
-  }
-}
-
 // q [B, H, Tq, Dq], k [B, H, Tk, Dq], v [B, H, Tk, Dv] bf16; mask as for the backward. Returns out [B, H, Tq, Dv]
 // (stored [B, Tq, H, Dv], the layout the output projection reads) and lse [B, H, Tq] fp32.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -287,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   }
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(Dq % 16 == 0 && Dv % 16 == 0, "attention_forward: head dims must be multiples of 16");
+  TORCH_CHECK(scale > 0, "attention_forward: a positive scale expected");
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));

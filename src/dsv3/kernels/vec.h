@@ -34,21 +34,21 @@ inline __m512 round_as(__m512 v) {
   return v;
 }
 
-// exp on 16 floats: 2^(x log2 e) with a degree-7 polynomial on the fraction (relative error ~1e-7); exp(-inf) ~ 0
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // |f| <= ln2 / 2
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+// 2^t on 16 floats: 2^round(t) times a degree-6 fit of 2^f on [-1/2, 1/2] (relative error < 1e-7); 2^-inf = 0
+inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.4990888e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3393083e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6196737e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503473e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022637e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+
+// exp on 16 floats, as 2^(x log2 e); exp(-inf) = 0
+inline __m512 exp16(__m512 x) { return exp2_16(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f))); }
 
 }  // namespace dsv3_vec
