@@ -160,7 +160,7 @@ def test_attention_kernels_match_fp32_sdpa(B, H, T, Dq, Dv, kind):
         mask = DeepseekV3._padding_mask(keep, T)
     scale = Dq ** -0.5
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = _CPUAttention.apply(*leaves, mask, scale)
+    out = _CPUAttention.apply(leaves[0], torch.cat(leaves[1:], -1), None, None, None, mask, scale, Dq)
     assert out.dtype == torch.bfloat16 and out.shape == (B, H, T, Dv)
     out.backward(go)
     ours = _errors([out.detach()] + [t.grad for t in leaves], q, k, v, go, mask, scale)
@@ -174,6 +174,55 @@ def test_attention_kernels_match_fp32_sdpa(B, H, T, Dq, Dv, kind):
     allowed = torch.ones(T, T, dtype=torch.bool).tril() if mask is None else mask
     ref_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
     torch.testing.assert_close(kernels.attention_forward(q, k, v, mask, scale)[1], ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@needs_amx
+@pytest.mark.parametrize("interleave,kind", [(True, "causal"), (False, "causal"), (True, "documents")])
+def test_attention_kernels_rotate_q_and_k(interleave, kind):
+    """Given k_pe, cos and sin, the kernels rotate the rope dims of q and of the keys themselves (k_pe shared by
+    the heads, as MLA makes it): the output is bit-identical to rotating with `apply_rotary` and concatenating
+    first, and the gradients of q, kv and k_pe against an fp32 reference are within bf16 rounding and no worse."""
+    from dsv3.model.attention import _CPUAttention
+    from dsv3.model.layers import apply_rotary
+
+    B, H, T, Dn, Dr, Dv = 2, 3, 150, 32, 32, 32
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, T, H, Dn + Dr, generator=g).bfloat16()
+    kv = torch.randn(B, T, H, Dn + Dv, generator=g).bfloat16()
+    k_pe = torch.randn(B, T, Dr, generator=g).bfloat16()
+    go = torch.randn(B, H, T, Dv, generator=g).bfloat16()
+    angles = torch.arange(T).float()[None, :, None] * 0.9 ** torch.arange(Dr // 2).float()
+    cos, sin = angles.cos(), angles.sin()
+    mask = None
+    if kind == "documents":
+        mask = DeepseekV3._document_mask(torch.tensor([[0] * 40 + [1] * 70 + [2] * (T - 110)] * B), T)
+    scale = (Dn + Dr) ** -0.5
+
+    def unfused(q, kv, k_pe, dtype):  # the model's path before the kernels took the rope
+        q, kv, k_pe = q.to(dtype), kv.to(dtype), k_pe.to(dtype)
+        qr = torch.cat((q[..., :Dn], apply_rotary(q[..., Dn:], cos, sin, interleave)), -1).transpose(1, 2)
+        kr = apply_rotary(k_pe[:, :, None], cos, sin, interleave).expand(B, T, H, Dr)
+        k = torch.cat((kv[..., :Dn], kr), -1).transpose(1, 2)
+        v = kv[..., Dn:].transpose(1, 2)
+        if dtype == torch.float32:
+            return F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return _CPUAttention.apply(qr, torch.cat((k, v), -1), None, None, None, mask, scale, Dn + Dr)
+
+    def run(f):
+        leaves = [t.clone().requires_grad_() for t in (q, kv, k_pe)]
+        out = f(*leaves)
+        out.backward(go.to(out.dtype))
+        return [out.detach().float()] + [t.grad.float() for t in leaves]
+
+    ref = run(lambda *a: unfused(*a, torch.float32))
+    fused = run(lambda q, kv, k_pe: _CPUAttention.apply(q.transpose(1, 2), kv.transpose(1, 2), k_pe, cos, sin, mask,
+                                                         scale, Dn, interleave))
+    before = run(lambda *a: unfused(*a, torch.bfloat16))
+    err = lambda res: [((r - e).abs().max() / e.abs().max()).item() for r, e in zip(res, ref)]  # noqa: E731
+    ours, theirs = err(fused), err(before)
+    assert torch.equal(fused[0], before[0])  # the same rotation arithmetic, the same rounding: the same output
+    assert max(ours) < 2 ** -7, ours  # the rotated q and k are rounded to bf16 before the products, as before
+    assert all(a <= b * 1.1 for a, b in zip(ours, theirs)), (ours, theirs)
 
 
 @needs_amx

@@ -112,11 +112,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.dsv3.gemv(x, w)
 
 
-def attention_ok(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention_forward` / `attention_backward` take attention over q [B, H, T, Dq], v [B, H, T, Dv]:
-    bf16 on a CPU with AMX, head dims multiples of 16."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0
-            and v.shape[-1] % 16 == 0 and _amx())
+def attention_ok(q: torch.Tensor, v: torch.Tensor, rope: int = 0, interleave: bool = True) -> bool:
+    """Whether `attention_forward` / `attention_backward` take attention over q [B, H, T, Dq], v [B, H, T, Dv],
+    with the last `rope` dims of q and k rotated inside: bf16 on a CPU with AMX, head dims multiples of 16
+    (rope dims of 32 when not interleaved)."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and (q.shape[-1] - rope) % 16 == 0
+            and rope % (16 if interleave else 32) == 0 and v.shape[-1] % 16 == 0 and _amx())
 
 
 def _amx() -> bool:
@@ -128,16 +129,21 @@ def _amx() -> bool:
     return _state["amx"]
 
 
-def attention_forward(q, k, v, mask, scale: float):
+def attention_forward(q, k, v, mask, scale: float, rope=None):
     """(softmax(scale q k^T) v [B, H, T, Dv] bf16, log-sum-exp [B, H, T] fp32): causal when mask is None, else
-    mask (bool, broadcastable to [B, H, T, T], True = may attend)."""
-    return torch.ops.dsv3.attention_forward(q, k, v, mask, mask is None, scale)
+    mask (bool, broadcastable to [B, H, T, T], True = may attend). With rope = (k_pe [B, T, Dr], cos, sin
+    [1 or B, T, Dr / 2], interleave), the keys are [k, k_pe] (k_pe shared by the heads) and the last Dr dims of
+    q and of the keys are rotated first (as `dsv3.model.layers.apply_rotary`)."""
+    k_pe, cos, sin, interleave = rope or (None, None, None, True)
+    return torch.ops.dsv3.attention_forward(q, k, v, k_pe, cos, sin, interleave, mask, mask is None, scale)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask, scale: float):
-    """Gradients (dq, dk, dv) of softmax(scale q k^T) v from the forward's out and log-sum-exp lse [B, H, T]:
-    causal when mask is None, else mask (bool, broadcastable to [B, H, T, T], True = may attend)."""
-    return torch.ops.dsv3.attention_backward(grad_out, q, k, v, out, lse, mask, mask is None, scale)
+def attention_backward(grad_out, q, k, v, out, lse, mask, scale: float, rope=None):
+    """Gradients of `attention_forward`'s output from its out and lse: dq (of q before rotation), dkv
+    [B, T, H, Dk + Dv] (dk then dv per head) and dk_pe [B, T, H, Dr] fp32 per head (empty without rope)."""
+    k_pe, cos, sin, interleave = rope or (None, None, None, True)
+    return torch.ops.dsv3.attention_backward(grad_out, q, k, v, k_pe, cos, sin, interleave, out, lse, mask,
+                                             mask is None, scale)
 
 
 def rms_norm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -48,21 +48,72 @@ std::vector<char*> carve(std::vector<char>& buf, std::initializer_list<int64_t> 
   return out;
 }
 
-// dst[n * ldd + d] = bf16(src[d * lds + n]) for n < rows (src holds whole 16-column groups), D % 16 == 0
-void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, bf16* dst, int64_t ldd) {
+// dst[n * ldd + d] = src[d * lds + n] (rounded to T) for n < rows (src holds whole 16-column groups), D % 16 == 0
+template <typename T>
+void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, T* dst, int64_t ldd) {
   for (int64_t n = 0; n < rows; n += 16)
     for (int64_t d = 0; d < D; d += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(src + (d + i) * lds + n));
       transpose16(r);
       for (int64_t j = 0; j < std::min<int64_t>(16, rows - n); ++j)
-        _mm256_storeu_si256((__m256i*)(dst + (n + j) * ldd + d), to_bf16(_mm512_castsi512_ps(r[j])));
+        store16(dst + (n + j) * ldd + d, _mm512_castsi512_ps(r[j]));
     }
 }
 
-// rows [T, D] (ld lds) -> [Tp, D] (ld ldd), zero rows past T
-void copy_rows(const bf16* src, int64_t lds, int64_t T, int64_t Tp, int64_t D, bf16* dst, int64_t ldd) {
-  for (int64_t i = 0; i < T; ++i) std::memcpy(dst + i * ldd, src + i * lds, D * sizeof(bf16));
+// Rotary embedding of the last `dim` dims of q and k, applied by the kernels (dim 0: none), so that the model
+// hands over its projections as they are: no rotated copies, no concatenation of k's shared rope part per head.
+struct Rope {
+  int64_t dim = 0;
+  bool interleave = true;  // pairs (x0, x1), (x2, x3), ... (DeepSeek's layout); else (x_i, x_{i + dim / 2})
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t ld = 0;            // [T, dim / 2] per position (queries and keys share positions)
+  const bf16* k_pe = nullptr;
+  int64_t ld_kpe = 0;        // the keys' rope dims [Tk, dim], shared by the heads
+  float* dk_pe = nullptr;
+  int64_t ld_dkpe = 0;       // backward: this head's gradient of k_pe [Tk, dim]
+};
+
+// x [rope.dim] (fp32) of position t rotated in place by its angles; sign -1 rotates back (for gradients). The
+// products and sums of apply_rotary in dsv3.model.layers, in the same order.
+inline void rotate(float* x, const Rope& rope, int64_t t, float sign) {
+  const float *c = rope.cos + t * rope.ld, *s = rope.sin + t * rope.ld;
+  if (rope.interleave) {
+    const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512 alt = _mm512_mul_ps(_mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1), _mm512_set1_ps(sign));
+    for (int64_t e = 0; e < rope.dim; e += 16) {  // (x0 c - x1 s, x1 c + x0 s) per pair
+      const __m512 cc = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(c + e / 2)));
+      const __m512 ss = _mm512_mul_ps(_mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(s + e / 2))), alt);
+      const __m512 v = _mm512_loadu_ps(x + e);
+      _mm512_storeu_ps(x + e, _mm512_add_ps(_mm512_mul_ps(v, cc), _mm512_mul_ps(_mm512_permute_ps(v, 0xB1), ss)));
+    }
+  } else {
+    const int64_t h = rope.dim / 2;
+    for (int64_t e = 0; e < h; e += 16) {
+      const __m512 cc = _mm512_loadu_ps(c + e), ss = _mm512_mul_ps(_mm512_loadu_ps(s + e), _mm512_set1_ps(sign));
+      const __m512 lo = _mm512_loadu_ps(x + e), hi = _mm512_loadu_ps(x + h + e);
+      _mm512_storeu_ps(x + e, _mm512_sub_ps(_mm512_mul_ps(lo, cc), _mm512_mul_ps(hi, ss)));
+      _mm512_storeu_ps(x + h + e, _mm512_add_ps(_mm512_mul_ps(hi, cc), _mm512_mul_ps(lo, ss)));
+    }
+  }
+}
+
+constexpr int64_t kMaxRope = 256;  // rope dims the kernels take
+
+// rows [T, D] -> [Tp, D] (ld ldd), zero rows past T: the first D - rope.dim dims from src (ld lds), the last
+// rope.dim from pe (ld ldpe) rotated to the row's position
+void load_rows(const bf16* src, int64_t lds, const bf16* pe, int64_t ldpe, const Rope& rope, int64_t T, int64_t Tp,
+               int64_t D, bf16* dst, int64_t ldd) {
+  const int64_t Dn = D - rope.dim;
+  alignas(64) float x[kMaxRope];
+  for (int64_t i = 0; i < T; ++i) {
+    std::memcpy(dst + i * ldd, src + i * lds, Dn * sizeof(bf16));
+    if (rope.dim == 0) continue;
+    for (int64_t e = 0; e < rope.dim; e += 16) store16(x + e, load16(pe + i * ldpe + e));
+    rotate(x, rope, i, 1.f);
+    for (int64_t e = 0; e < rope.dim; e += 16) store16(dst + i * ldd + Dn + e, load16(x + e));
+  }
   for (int64_t i = T; i < Tp; ++i) std::memset(dst + i * ldd, 0, D * sizeof(bf16));
 }
 
@@ -118,7 +169,7 @@ std::pair<int64_t, int64_t> key_range(int64_t m0, int64_t rows, int64_t Tk, bool
 // S = Q K^T, then per row the max and P = exp(scale * S - max) (rounded to bf16 for the P V product, as ATen's
 // CPU flash kernel does; summed in fp32), then O += P V in one product; a running max and sum carry across
 // chunks. out = O / sum and lse = max + log(sum) for the backward.
-void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, Mask mask,
+void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const Rope& rope, Mask mask,
                   bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
                   float* lse, int64_t ldl, std::vector<char>& scratch) {
   const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
@@ -138,9 +189,9 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
   float* M = (float*)s[8];  // [kB] running max of scale * S per row, in base 2 (times log2 e)
   float* L = (float*)s[9];  // [kB] running sum of exp(scale * S) / exp(max)
 
-  copy_rows(q, ldq, Tq, Tqp, Dq, Qr, ldqa);
-  copy_rows(k, ldk, Tk, Tkp, Dq, Kr, Dq);
-  copy_rows(v, ldv, Tk, Tkp, Dv, Vr, Dv);
+  load_rows(q, ldq, q + Dq - rope.dim, ldq, rope, Tq, Tqp, Dq, Qr, ldqa);
+  load_rows(k, ldk, rope.k_pe, rope.ld_kpe, rope, Tk, Tkp, Dq, Kr, Dq);
+  load_rows(v, ldv, nullptr, 0, Rope{}, Tk, Tkp, Dv, Vr, Dv);
   for (int64_t t = 0; t < nkb; ++t) pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * Dq * ldkt, ldkt);
   pack_rows(Vr, Dv, Tkp, Dv, Vp, ldvp);
   const float scale2 = scale * float(M_LOG2E);  // exponents in base 2: one multiply less per score
@@ -200,7 +251,7 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
 // at a time, then P and dS = P (dP - rowsum(dO O)) scale per row, then dQ = dS K over all the block's keys.
 // Query blocks are taken up to 512 queries at a time (a chunk), whose P and dS columns are kept per key tile,
 // so that dV^T += dO^T P and dK^T += Q^T dS contract over the chunk's queries.
-void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv,
+void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const Rope& rope,
                    const bf16* o, int64_t ldo, const bf16* go, int64_t ldgo, const float* lse, int64_t ldl, Mask mask,
                    bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* dq, int64_t lddq,
                    bf16* dk, int64_t lddk, bf16* dv, int64_t lddv, std::vector<char>& scratch) {
@@ -235,10 +286,10 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   float* L = (float*)s[16];   // [Tqp] log-sum-exp times log2 e
   float* Dd = (float*)s[17];  // [Tqp] scale * rowsum(dO * O)
 
-  copy_rows(q, ldq, Tq, Tqp, Dq, Qr, ldqa);
-  copy_rows(go, ldgo, Tq, Tqp, Dv, GOr, ldga);
-  copy_rows(k, ldk, Tk, Tkp, Dq, Kr, Dq);
-  copy_rows(v, ldv, Tk, Tkp, Dv, Vr, Dv);
+  load_rows(q, ldq, q + Dq - rope.dim, ldq, rope, Tq, Tqp, Dq, Qr, ldqa);
+  load_rows(go, ldgo, nullptr, 0, Rope{}, Tq, Tqp, Dv, GOr, ldga);
+  load_rows(k, ldk, rope.k_pe, rope.ld_kpe, rope, Tk, Tkp, Dq, Kr, Dq);
+  load_rows(v, ldv, nullptr, 0, Rope{}, Tk, Tkp, Dv, Vr, Dv);
   transpose(Qr, ldqa, Tqp, Dq, Qt, ldt);
   transpose(GOr, ldga, Tqp, Dv, GOt, ldt);
   for (int64_t i = 0; i < Tqp; ++i) {
@@ -298,10 +349,12 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
       }
       if (t0 < t1)  // dQ = dS K over the block's keys
         cpublas::brgemm(kB, Dq, (t1 - t0) * kB, ldsr, ldkp, Dq, false, dSr + t0 * kB, Kp + t0 * kB * ldkp, dQb, true);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t d = 0; d < Dq; d += 16)
-          _mm256_storeu_si256((__m256i*)(dq + (m0 + i) * lddq + d),
-                              t0 < t1 ? to_bf16(_mm512_loadu_ps(dQb + i * Dq + d)) : _mm256_setzero_si256());
+      if (t0 == t1) std::fill(dQb, dQb + kB * Dq, 0.f);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* g = dQb + i * Dq;
+        if (rope.dim) rotate(g + Dq - rope.dim, rope, m0 + i, -1.f);  // the gradient of q's rope dims before rotation
+        for (int64_t d = 0; d < Dq; d += 16) store16(dq + (m0 + i) * lddq + d, load16(g + d));
+      }
     }
     for (int64_t t = 0; t < nkb; ++t)  // dV^T += dO^T P over the chunk's queries
       if (last[t] >= 0)
@@ -312,8 +365,12 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
         cpublas::brgemm(Dq, kB, (last[t] - first[t] + 1) * kB, ldt, ldpc, ldg, true, Qt + first[t] * kB,
                         dSc + (t * qc + (first[t] - qb0) * kB) * ldpc, dKt + t * kB, true);
   }
-  store_transposed(dKt, ldg, Tk, Dq, dk, lddk);
+  store_transposed(dKt, ldg, Tk, Dq - rope.dim, dk, lddk);
   store_transposed(dVt, ldg, Tk, Dv, dv, lddv);
+  if (rope.dim) {  // this head's share of k_pe's gradient, rotated back
+    store_transposed(dKt + (Dq - rope.dim) * ldg, ldg, Tk, rope.dim, rope.dk_pe, rope.ld_dkpe);
+    for (int64_t j = 0; j < Tk; ++j) rotate(rope.dk_pe + j * rope.ld_dkpe, rope, j, -1.f);
+  }
 }
 
 // The bool mask broadcast to [B, H, Tq, Tk] with contiguous rows, or undefined
@@ -324,68 +381,114 @@ at::Tensor expanded_mask(const std::optional<at::Tensor>& attn_mask, int64_t B, 
   return mask.stride(3) == 1 ? mask : mask.contiguous();
 }
 
-// q [B, H, Tq, Dq], k [B, H, Tk, Dq], v [B, H, Tk, Dv] bf16; mask as for the backward. Returns out [B, H, Tq, Dv]
-// (stored [B, Tq, H, Dv], the layout the output projection reads) and lse [B, H, Tq] fp32.
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                     double scale) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
-                "attention_forward: bf16 [B, H, T, D] tensors with contiguous rows expected");
+// Checks the operands and returns the rope (dim 0 without k_pe) with its tables; per-batch pointers are set by
+// for_batch. q [B, H, Tq, Dq], k [B, H, Tk, Dq - Dr], v [B, H, Tk, Dv] bf16 with contiguous rows; with k_pe
+// [B, Tk, Dr] bf16, cos and sin [1 or B, T, Dr / 2] fp32 (Tq == Tk: shared positions).
+struct RopeArgs {
+  Rope rope;
+  at::Tensor cos, sin;
+  const at::Tensor* k_pe = nullptr;
+  void for_batch(int64_t b) {
+    if (!rope.dim) return;
+    const int64_t bc = cos.size(0) == 1 ? 0 : b;
+    rope.cos = cos.const_data_ptr<float>() + bc * cos.stride(0);
+    rope.sin = sin.const_data_ptr<float>() + bc * sin.stride(0);
+    rope.k_pe = k_pe->const_data_ptr<bf16>() + b * k_pe->stride(0);
   }
+};
+
+RopeArgs check(const char* op, const std::vector<const at::Tensor*>& rows, const at::Tensor& q, const at::Tensor& k,
+               const at::Tensor& v, const std::optional<at::Tensor>& k_pe, const std::optional<at::Tensor>& cos,
+               const std::optional<at::Tensor>& sin, bool interleave) {
+  for (const at::Tensor* t : rows)
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1, op,
+                ": bf16 [B, H, T, D] tensors with contiguous rows expected");
+  RopeArgs r;
+  const int64_t Dr = k_pe.has_value() && k_pe->defined() ? k_pe->size(-1) : 0;
+  TORCH_CHECK(q.size(3) == k.size(3) + Dr && v.size(2) == k.size(2), op, ": q's head dim must be k's plus k_pe's");
+  TORCH_CHECK(k.size(3) % 16 == 0 && Dr % 16 == 0 && v.size(3) % 16 == 0, op, ": head dims must be multiples of 16");
+  if (Dr == 0) return r;
+  const int64_t B = q.size(0), T = q.size(2);
+  TORCH_CHECK(k.size(2) == T && k_pe->dim() == 3 && k_pe->size(0) == B && k_pe->size(1) == T &&
+              k_pe->scalar_type() == at::kBFloat16 && k_pe->stride(2) == 1, op, ": k_pe [B, T, Dr] bf16 expected");
+  TORCH_CHECK(Dr <= kMaxRope && (interleave || Dr % 32 == 0), op, ": unsupported rope dims");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->has_value() && (*t)->dim() == 3 && ((*t)->size(0) == 1 || (*t)->size(0) == B) &&
+                (*t)->size(1) >= T && (*t)->size(2) == Dr / 2 && (*t)->scalar_type() == at::kFloat,
+                op, ": cos and sin [1 or B, T, Dr / 2] fp32 expected");
+  r.cos = cos->contiguous(), r.sin = sin->contiguous();
+  r.k_pe = &*k_pe;
+  r.rope.dim = Dr, r.rope.interleave = interleave, r.rope.ld = Dr / 2, r.rope.ld_kpe = k_pe->stride(1);
+  return r;
+}
+
+// q [B, H, Tq, Dq], k [B, H, Tk, Dq - Dr], v [B, H, Tk, Dv] bf16, with k_pe / cos / sin (see check) the keys'
+// last Dr dims and the rotation of q's and k's last Dr dims, else none (Dr = 0); mask as for the backward.
+// Returns out [B, H, Tq, Dv] (stored [B, Tq, H, Dv], the layout the output projection reads) and lse [B, H, Tq].
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k_pe,
+    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, bool interleave,
+    const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale) {
+  const RopeArgs ra = check("attention_forward", {&q, &k, &v}, q, k, v, k_pe, cos, sin, interleave);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(Dq % 16 == 0 && Dv % 16 == 0, "attention_forward: head dims must be multiples of 16");
   TORCH_CHECK(scale > 0, "attention_forward: a positive scale expected");
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
+    RopeArgs r = ra;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, hi = bh % H;
       auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
       Mask m;
       if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
-      forward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), m, is_causal && !mask.defined(), Tq,
-                   Tk, Dq, Dv, float(scale), out.data_ptr<bf16>() + bi * out.stride(0) + hi * out.stride(1),
-                   out.stride(2), lse.data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1), lse.stride(2),
-                   scratch);
+      r.for_batch(bi);
+      forward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, m,
+                   is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
+                   out.data_ptr<bf16>() + bi * out.stride(0) + hi * out.stride(1), out.stride(2),
+                   lse.data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1), lse.stride(2), scratch);
     }
     cpublas::brgemm_release(true);
   });
   return {out, lse};
 }
 
-// grad_out, out [B, H, Tq, Dv]; q [B, H, Tq, Dq]; k [B, H, Tk, Dq]; v [B, H, Tk, Dv]; lse [B, H, Tq] fp32;
-// mask: bool broadcastable to [B, H, Tq, Tk] (True = may attend) or none. Returns dq, dk, dv laid out as q, k, v.
+// grad_out, out [B, H, Tq, Dv]; lse [B, H, Tq] fp32; the rest as for the forward. Returns dq laid out as q (the
+// gradient of q before rotation), dkv [B, Tk, H, Dk + Dv] (dk, then dv: the layout of MLA's kv_b_proj output)
+// and dk_pe [B, Tk, H, Dr] fp32, each head's gradient of k_pe (empty without k_pe).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale) {
-  for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out}) {
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
-                "attention_backward: bf16 [B, H, T, D] tensors with contiguous rows expected");
-  }
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& k_pe, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+    bool interleave, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    bool is_causal, double scale) {
+  const RopeArgs ra = check("attention_backward", {&grad_out, &q, &k, &v, &out}, q, k, v, k_pe, cos, sin, interleave);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "attention_backward: fp32 lse [B, H, T] expected");
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(Dq % 16 == 0 && Dv % 16 == 0, "attention_backward: head dims must be multiples of 16");
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dq = q.size(3), Tk = k.size(2), Dk = k.size(3),
+                Dv = v.size(3), Dr = ra.rope.dim;
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = at::empty_like(q), dkv = at::empty({B, Tk, H, Dk + Dv}, k.options());
+  at::Tensor dk_pe = at::empty({Dr ? B : 0, Tk, H, Dr}, q.options().dtype(at::kFloat));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
+    RopeArgs r = ra;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, hi = bh % H;
       auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
-      auto mut4 = [&](at::Tensor& t) { return t.data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
+      bf16* dk = dkv.data_ptr<bf16>() + bi * dkv.stride(0) + hi * dkv.stride(2);
       Mask m;
       if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
-      backward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), at4(out), out.stride(2),
+      r.for_batch(bi);
+      if (Dr) r.rope.dk_pe = dk_pe.data_ptr<float>() + bi * dk_pe.stride(0) + hi * dk_pe.stride(2), r.rope.ld_dkpe = dk_pe.stride(1);
+      backward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, at4(out), out.stride(2),
                     at4(grad_out), grad_out.stride(2), lse.const_data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1),
-                    lse.stride(2), m, is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale), mut4(dq), dq.stride(2),
-                    mut4(dk), dk.stride(2), mut4(dv), dv.stride(2), scratch);
+                    lse.stride(2), m, is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
+                    dq.data_ptr<bf16>() + bi * dq.stride(0) + hi * dq.stride(1), dq.stride(2), dk, dkv.stride(1),
+                    dk + Dk, dkv.stride(1), scratch);
     }
     cpublas::brgemm_release(true);
   });
-  return {dq, dk, dv};
+  return {dq, dkv, dk_pe};
 }
 
 bool attention_supported() { return cpublas::could_pack(at::kBFloat16); }
@@ -393,9 +496,10 @@ bool attention_supported() { return cpublas::could_pack(at::kBFloat16); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
-  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
-        "bool is_causal, float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_pe, Tensor? cos, Tensor? sin, "
+        "bool interleave, Tensor out, Tensor lse, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? k_pe, Tensor? cos, Tensor? sin, bool interleave, "
+        "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor)");
   m.def("attention_supported() -> bool");
 }
 

@@ -18,24 +18,32 @@ from .layers import Linear, RMSNorm, apply_rotary
 
 class _CPUAttention(torch.autograd.Function):
     """Causal (mask None) or masked attention for CPU training in bf16 through dsv3's AMX kernels
-    (kernels/cpu_attention.cpp): tiles outside the mask skipped, v at its own head dim, the output laid out as
-    the output projection reads it. ATen's flash-attention backward takes 5-14x as long at training shapes."""
+    (kernels/cpu_attention.cpp): q [B, H, T, Dq], kv [B, H, T, Dk + Dv] (keys then values per head, as MLA's
+    kv_b_proj makes them); with k_pe [B, T, Dq - Dk] the keys' rope dims shared by the heads, and the last
+    Dq - Dk dims of q and of the keys rotated by the kernels (cos, sin as for `apply_rotary`). Tiles outside the
+    mask are skipped; the output is laid out as the output projection reads it. ATen's flash-attention backward
+    takes 5-14x as long at training shapes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale: float):
-        out, lse = kernels.attention_forward(q, k, v, mask, scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
+    def forward(ctx, q, kv, k_pe, cos, sin, mask, scale: float, k_dim: int, interleave: bool = True):
+        k, v = kv[..., :k_dim], kv[..., k_dim:]
+        rope = None if k_pe is None else (k_pe, cos, sin, interleave)
+        out, lse = kernels.attention_forward(q, k, v, mask, scale, rope)
+        ctx.save_for_backward(q, kv, k_pe, cos, sin, out, lse, mask)
+        ctx.scale, ctx.k_dim, ctx.interleave = scale, k_dim, interleave
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, kv, k_pe, cos, sin, out, lse, mask = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        dq, dk, dv = kernels.attention_backward(grad, q, k, v, out, lse, mask, ctx.scale)
-        return dq, dk, dv, None, None
+        k, v = kv[..., :ctx.k_dim], kv[..., ctx.k_dim:]
+        rope = None if k_pe is None else (k_pe, cos, sin, ctx.interleave)
+        dq, dkv, dk_pe = kernels.attention_backward(grad, q, k, v, out, lse, mask, ctx.scale, rope)
+        dk_pe = None if k_pe is None else dk_pe.sum(2).to(k_pe.dtype)  # the heads share k_pe
+        return dq, dkv.transpose(1, 2), dk_pe, None, None, None, None, None, None
 
 
 class MLA(nn.Module):
@@ -60,11 +68,10 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(nh * self.v_dim, H, bias=cfg.attention_bias)
 
-    def _queries(self, x, cos, sin):
-        B, T, _ = x.shape
+    def _q(self, x):
+        """Queries before rotation, [B, T, nh, qk]."""
         q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rotary(q_pe, cos, sin, self.interleave)  # [B, T, nh, nope], [B, T, nh, rope]
+        return q.view(*x.shape[:2], self.n_heads, -1)
 
     def latent(self, x, cos, sin):
         """The per-token values the decode cache holds: norm(c_kv) [B, T, rank] and rotated k_pe [B, T, rope]."""
@@ -90,7 +97,17 @@ class MLA(nn.Module):
         stores them in its blocks instead.
         """
         B, T, _ = x.shape
-        q_nope, q_pe = self._queries(x, cos, sin)
+        q = self._q(x)
+        if cache is None and torch.is_grad_enabled() and q.requires_grad and kernels.attention_ok(
+                q, q[..., : self.v_dim], self.rope, self.interleave):
+            # training on CPU: the kernels rotate q and k themselves and read k_pe once for all heads
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+            kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, self.n_heads, -1)
+            o = _CPUAttention.apply(q.transpose(1, 2), kv.transpose(1, 2), k_pe, cos, sin, mask, self.scale, self.nope,
+                                    self.interleave)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
         c_kv, k_pe = self.latent(x, cos, sin)
         if isinstance(cache, torch.Tensor):
             cache[:, :T, : self.rank] = c_kv
@@ -101,10 +118,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, nh, T, qk]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
-        if torch.is_grad_enabled() and q.requires_grad and kernels.attention_ok(q, v):
-            o = _CPUAttention.apply(q, k, v, mask, self.scale)
-        else:
-            o = self._sdpa(q, k, v, mask)
+        o = self._sdpa(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def _sdpa(self, q, k, v, mask):
