@@ -158,9 +158,16 @@ def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float, bf16_out: boo
     return torch.ops.dsv3.rms_norm_forward(x, w, eps, bf16_out)
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
-    """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above; dy fp32 or bf16."""
-    return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd)
+def add_rms_norm_forward(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float, bf16_out: bool = False):
+    """h [R, D] fp32, r [R, D] fp32 or bf16 (contiguous) -> (s = h + r fp32, then as rms_norm_forward(s))."""
+    return torch.ops.dsv3.add_rms_norm_forward(h, r, w, eps, bf16_out)
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                      dres: torch.Tensor | None = None):
+    """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above; dy fp32 or bf16. dres [R, D] fp32 (for an fp32
+    x): a gradient reaching x by another way, added to dx."""
+    return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd, dres)
 
 
 def cross_entropy_ok(logits: torch.Tensor) -> bool:

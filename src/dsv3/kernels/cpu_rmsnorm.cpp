@@ -5,6 +5,8 @@
 // F.rms_norm). Autograd runs that as ~6 elementwise passes forward and ~10 backward over [tokens, dim]; on the
 // `small` preset's 16 x 512 training step its norms cost ~0.6 s of ~4.5 s. Under bf16 autocast the norms whose
 // outputs only feed matmuls write y rounded to bf16 (what autocast would cast it to) and take a bf16 dy.
+// The residual stream's adds can run inside: forward h + r is summed, kept and normalised in one pass, and the
+// backward adds the sum's own gradient to the norm's (the two extra passes of a separate add and its gradient).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,14 +21,21 @@ namespace {
 
 using namespace dsv3_vec;
 
-template <typename T, typename Y>
+// With r: x is the fp32 sum h + r, written here first (the sum the norm reads is x's row)
+template <typename T, typename Y, typename R = float>
 void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D, int64_t begin, int64_t end, Y* y,
-                  float* rstd) {
+                  float* rstd, const float* h = nullptr, const R* r = nullptr) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
     __m512 ss = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      __m512 v = load16(xr + d);
+      __m512 v;
+      if constexpr (std::is_same_v<T, float>) {
+        if (h) store16(const_cast<float*>(xr) + d, v = _mm512_add_ps(load16(h + i * D + d), load16(r + i * D + d)));
+        else v = load16(xr + d);
+      } else {
+        v = load16(xr + d);
+      }
       ss = _mm512_fmadd_ps(v, v, ss);
     }
     const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(D) + eps);
@@ -39,9 +48,10 @@ void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D,
 
 // dn = cast(dy * w) (the gradient reaching the rounded normalised x), n = x * r:
 // dx = r * (dn - n * mean(dn * n)), dw += dy * cast(n)
+// With dres (the gradient of the fp32 sum x = h + r itself): dx += dres
 template <typename T, typename G>
 void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const float* rstd, int64_t D, int64_t begin,
-                   int64_t end, T* dx, float* dw) {
+                   int64_t end, T* dx, float* dw, const float* dres = nullptr) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
     const G* g = dy + i * D;
@@ -56,7 +66,8 @@ void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const f
     for (int64_t d = 0; d < D; d += 16) {
       __m512 n = _mm512_mul_ps(load16(xr + d), vr);
       __m512 dn = round_as<T>(_mm512_mul_ps(load16(g + d), _mm512_loadu_ps(w + d)));
-      store16(dx + i * D + d, _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn)));
+      const __m512 g = _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn));
+      store16(dx + i * D + d, dres ? _mm512_add_ps(g, load16(dres + i * D + d)) : g);
     }
   }
 }
@@ -88,12 +99,40 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
   return {y, rstd};
 }
 
-// -> dx [R, D] in x's dtype, dw [D] fp32 (per-thread partial sums, added in thread order: deterministic)
+// h [R, D] fp32 and r [R, D] fp32 or bf16 (contiguous) -> their sum s [R, D] fp32, y = RMSNorm(s) as above, rstd
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Tensor& h, const at::Tensor& r,
+                                                                    const at::Tensor& w, double eps, bool bf16_out) {
+  check(h, w);
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && r.is_contiguous() && r.sizes() == h.sizes() &&
+              (r.scalar_type() == at::kFloat || r.scalar_type() == at::kBFloat16),
+              "add_rms_norm: contiguous fp32 h and fp32 or bf16 r of the same shape expected");
+  const int64_t R = h.size(0), D = h.size(1);
+  at::Tensor s = at::empty({R, D}, h.options());
+  at::Tensor y = at::empty({R, D}, h.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  at::Tensor rstd = at::empty({R}, h.options());
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    auto rows = [&](auto* yp, auto* rp) {
+      forward_rows(s.const_data_ptr<float>(), D, w.const_data_ptr<float>(), float(eps), D, begin, end, yp,
+                   rstd.data_ptr<float>(), h.const_data_ptr<float>(), rp);
+    };
+    const bool rf = r.scalar_type() == at::kFloat;
+    if (bf16_out) rf ? rows(y.data_ptr<bf16>(), r.const_data_ptr<float>()) : rows(y.data_ptr<bf16>(), r.const_data_ptr<bf16>());
+    else rf ? rows(y.data_ptr<float>(), r.const_data_ptr<float>()) : rows(y.data_ptr<float>(), r.const_data_ptr<bf16>());
+  });
+  return {s, y, rstd};
+}
+
+// -> dx [R, D] in x's dtype (plus dres [R, D] fp32 when given: the gradient reaching x by another way, for an fp32
+// x), dw [D] fp32 (per-thread partial sums, added in thread order: deterministic)
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                                     const at::Tensor& rstd) {
+                                                     const at::Tensor& rstd, const std::optional<at::Tensor>& dres) {
   check(x, w);
   TORCH_CHECK((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16) && dy.is_contiguous() &&
               dy.sizes() == x.sizes(), "rms_norm: dy must be contiguous fp32 or bf16 shaped like x");
+  const bool with_res = dres.has_value() && dres->defined();
+  TORCH_CHECK(!with_res || (dres->scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && dres->is_contiguous() &&
+                            dres->sizes() == x.sizes()), "rms_norm: dres must be contiguous fp32 shaped like an fp32 x");
+  const float* rp = with_res ? dres->const_data_ptr<float>() : nullptr;
   const int64_t R = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
@@ -103,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
       const int64_t begin = R * c / chunks, end = R * (c + 1) / chunks;
       float* dw = partial.data_ptr<float>() + c * D;
       auto rows = [&](auto* gp, auto* xp, auto* dxp) {
-        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw);
+        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp);
       };
       const bool gf = dy.scalar_type() == at::kFloat;
       if (x.scalar_type() == at::kFloat) {
@@ -122,10 +161,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("rms_norm_forward(Tensor x, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_forward(Tensor h, Tensor r, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("rms_norm_forward", rms_norm_forward);
+  m.impl("add_rms_norm_forward", add_rms_norm_forward);
   m.impl("rms_norm_backward", rms_norm_backward);
 }

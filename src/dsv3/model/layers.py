@@ -25,11 +25,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.feeds_matmuls = feeds_matmuls
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x); with `residual`, (x + residual, RMSNorm(x + residual)): the residual stream's add and the
+        norm after it, one pass in CPU training."""
         if torch.is_grad_enabled() and self.weight.requires_grad and kernels.rms_norm_ok(x, self.weight):
             bf16 = (self.feeds_matmuls and torch.is_autocast_enabled("cpu")
                     and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-            return _FusedRMSNorm.apply(x, self.weight, self.eps, bf16)  # CPU training: the same numbers, one pass
+            if residual is None:
+                return _FusedRMSNorm.apply(x, self.weight, self.eps, bf16)  # CPU training: the same numbers, one pass
+            if x.dtype == torch.float32 and residual.dtype in (torch.float32, torch.bfloat16):
+                return _FusedAddRMSNorm.apply(x, residual, self.weight, self.eps, bf16)
+        if residual is not None:
+            x = x + residual
+            return x, self(x)
         # Normalise in fp32 (ATen's rms_norm upcasts: x * rsqrt(mean(x^2) + eps)), cast back to x's dtype,
         # then scale: the order transformers and the official code use.
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -56,6 +64,32 @@ class _FusedRMSNorm(torch.autograd.Function):
         # dy arrives in the output's dtype, fp32 or bf16: the kernel reads both
         dx, dw = kernels.rms_norm_backward(dy.reshape(rows.shape).contiguous(), rows, weight, rstd)
         return dx.view(ctx.shape), dw, None, None
+
+
+class _FusedAddRMSNorm(torch.autograd.Function):
+    """(h + r, RMSNorm(h + r)) through the kernel for fp32 h (the residual stream) and fp32 or bf16 r (a block's
+    output): the same numbers as the add and _FusedRMSNorm, and the backward adds the sum's own gradient (the
+    residual path) to the norm's in the same pass, as autograd would add them."""
+
+    @staticmethod
+    def forward(ctx, h, r, weight, eps: float, bf16: bool):
+        D = h.shape[-1]
+        s, y, rstd = kernels.add_rms_norm_forward(h.reshape(-1, D).contiguous(), r.reshape(-1, D).contiguous(), weight,
+                                                  eps, bf16)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.set_materialize_grads(False)  # the sum's gradient is None where only the norm is used (the last one)
+        return s.view(h.shape), y.view(h.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds, dy):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            return ds, ds, None, None, None
+        dres = None if ds is None else ds.reshape(s.shape).contiguous()
+        dx, dw = kernels.rms_norm_backward(dy.reshape(s.shape).contiguous(), s, weight, rstd, dres)
+        dx = dx.view(ds.shape if ds is not None else dy.shape)
+        return dx, dx, dw, None, None
 
 
 @contextmanager

@@ -29,17 +29,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds_matmuls=True)
 
-    def _ffn(self, h, stats):
-        x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, stats) if isinstance(self.mlp, MoE) else self.mlp(x))
+    def _mlp(self, x, stats):
+        return self.mlp(x, stats) if isinstance(self.mlp, MoE) else self.mlp(x)
 
-    def forward(self, h, cos, sin, mask=None, stats: list[RoutingStats] | None = None, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
-        return self._ffn(h, stats)
+    def forward(self, h, y, cos, sin, mask=None, stats: list[RoutingStats] | None = None, cache=None):
+        """The block's input arrives as h + y: the residual stream h and the previous block's output y not yet
+        added (None for the first block), and its output leaves the same way, so that each add of the residual
+        stream runs with the norm after it (RMSNorm's residual: one pass in CPU training). Returns (h', y')."""
+        h, x = (h, self.input_layernorm(h)) if y is None else self.input_layernorm(h, y)
+        h, x = self.post_attention_layernorm(h, self.self_attn(x, cos, sin, mask, cache))
+        return h, self._mlp(x, stats)
 
     def forward_absorbed(self, h, cos, sin, cache, positions, mask, absorbed=None):
         h = h + self.self_attn.forward_absorbed(self.input_layernorm(h), cos, sin, cache, positions, mask, absorbed)
-        return self._ffn(h, None)
+        return h + self._mlp(self.post_attention_layernorm(h), None)
 
 
 class SharedHead(nn.Module):
@@ -188,10 +191,10 @@ class DeepseekV3(nn.Module):
         mask = self._padding_mask(attention_mask, T) if documents is None else self._document_mask(documents, T)
         stats: list[RoutingStats] | None = [] if with_stats else None
         emb = self.model.embed_tokens(input_ids)
-        h = emb
+        h, y = emb, None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, stats, None if cache is None else cache.latent[i])
-        hidden = self.model.norm(h)
+            h, y = layer(h, y, cos, sin, mask, stats, None if cache is None else cache.latent[i])
+        _, hidden = self.model.norm(h, y)
         out = ForwardOutput(logits=self.lm_head(hidden), hidden=hidden, routing=stats or [])
         if mtp:
             prev = hidden
@@ -201,8 +204,8 @@ class DeepseekV3(nn.Module):
                 x = layer.combine(emb[:, k:], prev[:, : T - k])
                 mstats: list[RoutingStats] = []
                 mtp_mask = None if mask is None else mask[..., : T - k, : T - k]
-                x = layer(x, cos[:, : T - k], sin[:, : T - k], mtp_mask, mstats)
-                prev = layer.shared_head.norm(x)
+                x, y = layer(x, None, cos[:, : T - k], sin[:, : T - k], mtp_mask, mstats)
+                _, prev = layer.shared_head.norm(x, y)
                 out.mtp_logits.append(self.lm_head(prev))
                 out.mtp_routing.extend(mstats)
         return out
@@ -221,11 +224,10 @@ class DeepseekV3(nn.Module):
         positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rotary(positions)
         mask = self._padding_mask(attention_mask, T)
-        emb = self.model.embed_tokens(input_ids)
-        h = emb
+        h, y = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None, cache.latent[i])
-        hidden = self.model.norm(h)
+            h, y = layer(h, y, cos, sin, mask, None, cache.latent[i])
+        _, hidden = self.model.norm(h, y)
         if mtp and T > 1:
             self.store_mtp_latents(input_ids[:, 1:], hidden[:, :-1], positions[:, :-1].expand(B, -1), cache)
         return hidden
