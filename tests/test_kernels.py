@@ -310,6 +310,16 @@ def test_rms_norm_kernel_bf16_output_and_gradient(dtype):
         assert torch.equal(got, ref)
 
 
+def _bf16_train_step(model, ids):
+    """Loss (main + first MTP depth) and gradients of one bf16-autocast training step on ids [B, T]."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_train(ids[:, :-1])
+    loss = cross_entropy(out.logits, ids[:, 1:]) + cross_entropy(out.mtp_logits[0], ids[:, 2:])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 @needs_kernels
 @pytest.mark.parametrize("rdtype", [torch.float32, torch.bfloat16])
 def test_add_rms_norm_kernel_is_the_add_then_the_norm(rdtype):
@@ -343,16 +353,8 @@ def test_training_adds_the_residual_inside_the_norms(monkeypatch):
     calls = []
     fused = layers._FusedAddRMSNorm.apply
 
-    def run():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.forward_train(ids[:, :-1])
-        loss = cross_entropy(out.logits, ids[:, 1:]) + cross_entropy(out.mtp_logits[0], ids[:, 2:])
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
     monkeypatch.setattr(layers._FusedAddRMSNorm, "apply", lambda *a: calls.append(1) or fused(*a))
-    loss, grads = run()
+    loss, grads = _bf16_train_step(model, ids)
     # two per block but the first one's input norm, and the final norm; the MTP block's stream starts from its
     # projection's bf16 output under autocast, which the kernel does not take (added first there, as before)
     assert len(calls) == 2 * cfg.num_hidden_layers - 1 + 1
@@ -362,7 +364,7 @@ def test_training_adds_the_residual_inside_the_norms(monkeypatch):
         return s, layers._FusedRMSNorm.apply(s, w, eps, bf16)
 
     monkeypatch.setattr(layers._FusedAddRMSNorm, "apply", add_then_norm)
-    ref_loss, ref_grads = run()
+    ref_loss, ref_grads = _bf16_train_step(model, ids)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
 
@@ -388,21 +390,13 @@ def test_bf16_training_norms_hand_matmuls_bf16():
             m.register_forward_hook(lambda mod, args, out, n=n: dtypes.__setitem__(
                 n, (out[-1] if isinstance(out, tuple) else out).dtype))
 
-    def run():
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.forward_train(ids[:, :-1])
-        loss = cross_entropy(out.logits, ids[:, 1:]) + cross_entropy(out.mtp_logits[0], ids[:, 2:])
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    loss, grads = run()
+    loss, grads = _bf16_train_step(model, ids)
     assert {n for n, d in dtypes.items() if d == torch.bfloat16} == flagged
     assert dtypes["model.norm"] == torch.float32
     for m in model.modules():
         if isinstance(m, RMSNorm):
             m.feeds_matmuls = False
-    ref_loss, ref_grads = run()
+    ref_loss, ref_grads = _bf16_train_step(model, ids)
     assert all(d == torch.float32 for d in dtypes.values())
     assert torch.equal(loss, ref_loss)
     worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads) if b.norm() > 0)
