@@ -37,17 +37,6 @@ namespace cpublas = at::native::cpublas;
 constexpr int64_t kB = 64;        // queries per block and keys per score tile
 constexpr int64_t kChunk = 512;   // keys per softmax pass: a block's scores (64 x 512 fp32) stay in L2
 
-// 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf (grown as needed)
-std::vector<char*> carve(std::vector<char>& buf, std::initializer_list<int64_t> bytes) {
-  int64_t total = 64;
-  for (int64_t b : bytes) total += round_up<int64_t>(b, 64);
-  if (int64_t(buf.size()) < total) buf.resize(total);
-  char* p = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(buf.data()), 64));
-  std::vector<char*> out;
-  for (int64_t b : bytes) out.push_back(p), p += round_up<int64_t>(b, 64);
-  return out;
-}
-
 // dst[n * ldd + d] = src[d * lds + n] (rounded to T) for n < rows (src holds whole 16-column groups), D % 16 == 0
 template <typename T>
 void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, T* dst, int64_t ldd) {

@@ -86,21 +86,6 @@ void for_each_expert(const Layout& L, F fn) {
   });
 }
 
-// 64-byte aligned pieces of a scratch buffer
-struct Carve {
-  char* p;
-  template <typename T>
-  T* take(int64_t n) {
-    T* r = reinterpret_cast<T*>(p);
-    p += round_up<int64_t>(n * sizeof(T), 64);
-    return r;
-  }
-};
-inline Carve carve(std::vector<char>& scratch, int64_t bytes) {
-  scratch.resize(bytes + 64);
-  return {reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(scratch.data()), 64))};
-}
-
 // dst [kR, D] bf16 (ld ldd) <- rows src_row(0 .. rows-1) of src (ld D), zero rows after
 template <typename T, typename Row>
 void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, int64_t ldd) {
@@ -125,14 +110,14 @@ void forward_impl(const T* x, const Layout& L, const float* gate_up, const float
                   bf16* y, bf16* h) {
   const int64_t I2 = 2 * I;
   for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
-    Carve c = carve(scratch, (H * ld_b(I2) + I * ld_b(H) + kR * (ld_a(H) + ld_a(I))) * 2 +
-                             kR * (ld_c(I2) + ld_c(H)) * 4 + 6 * 64);
-    bf16* Bgu = c.take<bf16>(H * ld_b(I2));  // VNNI of Wgu^T [H, 2I]
-    bf16* Bd = c.take<bf16>(I * ld_b(H));    // VNNI of Wd^T [I, H]
-    bf16* Xb = c.take<bf16>(kR * ld_a(H));   // the block's rows
-    bf16* Ab = c.take<bf16>(kR * ld_a(I));   // their SwiGLU output
-    float* C1 = c.take<float>(kR * ld_c(I2));
-    float* C2 = c.take<float>(kR * ld_c(H));
+    const auto s = carve(scratch, {H * ld_b(I2) * 2, I * ld_b(H) * 2, kR * ld_a(H) * 2, kR * ld_a(I) * 2,
+                                   kR * ld_c(I2) * 4, kR * ld_c(H) * 4});
+    bf16* Bgu = (bf16*)s[0];  // VNNI of Wgu^T [H, 2I]
+    bf16* Bd = (bf16*)s[1];   // VNNI of Wd^T [I, H]
+    bf16* Xb = (bf16*)s[2];   // the block's rows
+    bf16* Ab = (bf16*)s[3];   // their SwiGLU output
+    float* C1 = (float*)s[4];
+    float* C2 = (float*)s[5];
     pack_transposed(gate_up + e * I2 * H, H, I2, H, Bgu, ld_b(I2));
     pack_transposed(down + e * H * I, I, H, I, Bd, ld_b(H));
     for (int64_t r0 = 0; r0 < L.count[e]; r0 += kR) {
@@ -164,20 +149,21 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
                    float* dw) {
   const int64_t I2 = 2 * I, ldT = ld_a(kC);
   for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
-    Carve c = carve(scratch, (H * ld_b(I) + I2 * ld_b(H) + kR * (ld_a(H) + ld_a(I2) + I) + (H + I2) * ldT +
-                              kC * (ld_b(I) + ld_b(H)) + kR * H) * 2 + kR * (ld_c(I) + ld_c(H)) * 4 + 13 * 64);
-    bf16* Bd = c.take<bf16>(H * ld_b(I));    // VNNI of Wd [H, I]: B of dA = dY Wd
-    bf16* Bgu = c.take<bf16>(I2 * ld_b(H));  // VNNI of Wgu [2I, H]: B of dX = dH Wgu
-    bf16* dYb = c.take<bf16>(kR * ld_a(H));  // the block's dY rows
-    bf16* dHb = c.take<bf16>(kR * ld_a(I2)); // the block's dH
-    bf16* Ab = c.take<bf16>(kR * I);         // the block's SwiGLU output, recomputed
-    bf16* dYt = c.take<bf16>(H * ldT);       // dY^T of the chunk: A of dWd
-    bf16* dHt = c.take<bf16>(I2 * ldT);      // dH^T of the chunk: A of dWgu
-    bf16* Av = c.take<bf16>(kC * ld_b(I));      // VNNI of the chunk's A rows: B of dWd
-    bf16* Xv = c.take<bf16>(kC * ld_b(H));      // VNNI of the chunk's X rows: B of dWgu
-    bf16* Xg = c.take<bf16>(kR * H);            // the block's X rows
-    float* dA = c.take<float>(kR * ld_c(I));
-    float* dXb = c.take<float>(kR * ld_c(H));
+    const auto s = carve(scratch, {H * ld_b(I) * 2, I2 * ld_b(H) * 2, kR * ld_a(H) * 2, kR * ld_a(I2) * 2, kR * I * 2,
+                                   H * ldT * 2, I2 * ldT * 2, kC * ld_b(I) * 2, kC * ld_b(H) * 2, kR * H * 2,
+                                   kR * ld_c(I) * 4, kR * ld_c(H) * 4});
+    bf16* Bd = (bf16*)s[0];    // VNNI of Wd [H, I]: B of dA = dY Wd
+    bf16* Bgu = (bf16*)s[1];   // VNNI of Wgu [2I, H]: B of dX = dH Wgu
+    bf16* dYb = (bf16*)s[2];   // the block's dY rows
+    bf16* dHb = (bf16*)s[3];   // the block's dH
+    bf16* Ab = (bf16*)s[4];    // the block's SwiGLU output, recomputed
+    bf16* dYt = (bf16*)s[5];   // dY^T of the chunk: A of dWd
+    bf16* dHt = (bf16*)s[6];   // dH^T of the chunk: A of dWgu
+    bf16* Av = (bf16*)s[7];    // VNNI of the chunk's A rows: B of dWd
+    bf16* Xv = (bf16*)s[8];    // VNNI of the chunk's X rows: B of dWgu
+    bf16* Xg = (bf16*)s[9];    // the block's X rows
+    float* dA = (float*)s[10];
+    float* dXb = (float*)s[11];
     pack_rows(down + e * H * I, I, H, I, Bd, ld_b(I));
     pack_rows(gate_up + e * I2 * H, H, I2, H, Bgu, ld_b(H));
     const int64_t n = L.count[e], np = round_up(n, kR);

@@ -6,7 +6,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
@@ -23,6 +25,17 @@ inline I round_up(I x, I m) { return (x + m - 1) / m * m; }
 inline int64_t ld_a(int64_t K) { return K + 32; }  // bf16 rows of A
 inline int64_t ld_b(int64_t N) { return N + 16; }  // VNNI B: 2 N bf16 per row pair, ld_b(N) pairs apart
 inline int64_t ld_c(int64_t N) { return N + 16; }  // fp32 rows of C
+
+// 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf (grown as needed)
+inline std::vector<char*> carve(std::vector<char>& buf, std::initializer_list<int64_t> bytes) {
+  int64_t total = 64;
+  for (int64_t b : bytes) total += round_up<int64_t>(b, 64);
+  if (int64_t(buf.size()) < total) buf.resize(total);
+  char* p = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(buf.data()), 64));
+  std::vector<char*> out;
+  for (int64_t b : bytes) out.push_back(p), p += round_up<int64_t>(b, 64);
+  return out;
+}
 
 // Two rows of 16 bf16 -> 32 bf16 interleaved (a0 b0 a1 b1 ...): the VNNI pairs brgemm reads for its B operand
 inline __m512i interleave(__m256i a, __m256i b) {
