@@ -72,6 +72,100 @@ def test_linear_uses_kernel_for_few_rows_only(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("T,N,K", [(1000, 1056, 96), (517, 160, 64), (31, 32, 32), (1, 64, 32), (600, 32, 1088)])
+def test_linear_weight_grad_is_the_fp32_product(T, N, K):
+    """dy^T x in fp32 for any number of rows (tails padded inside), one block of dW rows split over the tokens
+    (partial sums added) or several blocks: the exact products of the bf16 numbers summed in fp32."""
+    if not kernels.linear_weight_grad_ok(torch.empty(0), torch.empty(N, K)):
+        pytest.skip("no AMX")
+    g = torch.Generator().manual_seed(T + N + K)
+    dy = torch.randn(T, N, generator=g).bfloat16()
+    x = torch.randn(T, 2 * K, generator=g).bfloat16()[:, ::2].contiguous()
+    x_strided = torch.randn(T, K + 32, generator=g).bfloat16()[:, :K]  # rows not adjacent
+    for xx in (x, x_strided):
+        out = kernels.linear_weight_grad(dy, xx)
+        exact = dy.double().t() @ xx.double()
+        assert out.dtype == torch.float32 and out.shape == (N, K)
+        # T fp32 roundings of partial sums at most
+        assert (out.double() - exact).abs().max() <= T * 2 ** -24 * (dy.double().abs().t() @ xx.double().abs()).max()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        kernels.linear_weight_grad(dy[:, :16].contiguous(), x)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_linear_takes_the_weight_gradient_from_the_kernel(bias, dtype, monkeypatch):
+    """Linear under CPU bf16 autocast with gradients: output and input gradient bit-identical to autocast's
+    F.linear; the weight (and bias) gradient is the fp32 sum itself, where autocast's is that sum rounded to bf16."""
+    lin = Linear(96, 64, bias=bias)
+    if not kernels.linear_weight_grad_ok(torch.empty(0), lin.weight):
+        pytest.skip("no AMX")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 96, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(3, 70, 64, generator=g).bfloat16()
+    calls = []
+    real = kernels.linear_weight_grad
+    monkeypatch.setattr(kernels, "linear_weight_grad", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        lin.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+        y.backward(dy)
+        return y.detach(), x.grad, lin.weight.grad, lin.bias.grad if bias else None
+
+    y, dx, dw, db = run()
+    assert calls == [1]
+    monkeypatch.setattr(kernels, "linear_weight_grad_ok", lambda *a: False)
+    y_ref, dx_ref, dw_ref, db_ref = run()
+    assert calls == [1] and y.dtype == torch.bfloat16 and dx.dtype == dtype
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    exact = dy.reshape(-1, 64).double().t() @ x.detach().bfloat16().reshape(-1, 96).double()
+    assert torch.equal(dw.bfloat16(), dw_ref.bfloat16())  # autocast's dW is ours rounded to bf16
+    assert (dw.double() - exact).abs().max() < 1e-4 < (dw_ref.double() - exact).abs().max()
+    if bias:
+        torch.testing.assert_close(db, dy.float().sum((0, 1)), rtol=1e-6, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_mlp_runs_gate_and_up_as_one_product(dtype, monkeypatch):
+    """MLP under CPU bf16 autocast training: gate and up in one product, SwiGLU through the kernels. Output and
+    weight gradients bit-identical to autocast's silu and mul between the three Linears; the input gradient sums
+    gate's and up's parts in fp32 (autograd adds two bf16 products), so within a bf16 rounding of it."""
+    from dsv3.model import layers
+
+    mlp = layers.MLP(64, 96)
+    if not kernels.linear_weight_grad_ok(torch.empty(0), mlp.gate_proj.weight):
+        pytest.skip("no AMX")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 64, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(3, 50, 64, generator=g).bfloat16()
+    calls = []
+    fused = layers._TrainMLP.apply
+    monkeypatch.setattr(layers._TrainMLP, "apply", lambda *a: calls.append(1) or fused(*a))
+
+    def run():
+        mlp.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mlp(x)
+        y.backward(dy)
+        return y.detach(), x.grad, [p.grad for p in mlp.parameters()]
+
+    y, dx, grads = run()
+    assert calls == [1]
+    monkeypatch.setattr(layers._TrainMLP, "apply",
+                        lambda x, *w: mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    y_ref, dx_ref, grads_ref = run()
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=2 ** -7 * dx_ref.abs().max().item())
+
+
+@needs_kernels
 @pytest.mark.parametrize("N", [1, 3, 16])
 def test_experts_with_kernel_equal_aten_path(N, monkeypatch):
     """The decode-time experts (sorted rows through grouped_gemv) against the same sorted path on ATen's

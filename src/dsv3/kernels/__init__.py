@@ -7,6 +7,8 @@ AMX tiles through oneDNN's brgemm, masked tiles skipped): the backward 5-14x fas
 backward at training shapes.
 `experts_forward` / `experts_backward` are the routed experts of bf16 training (cpu_experts.cpp): per expert, the
 weights cast and packed once, every product a brgemm micro-kernel, SwiGLU and the row gathers fused.
+`linear_weight_grad` is a bf16 linear layer's weight gradient dY^T X in fp32 (cpu_linear.cpp), faster than ATen's
+transposed-A matmul at training shapes; `swiglu_forward` / `swiglu_backward` the dense MLPs' SwiGLU in one pass.
 `rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
 (cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes; `cross_entropy_lse` / `cross_entropy_grad` the
 loss's, likewise (cpu_cross_entropy.cpp).
@@ -32,7 +34,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(n) for n in (
-    "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp", "cpu_experts.cpp")]
+    "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp", "cpu_experts.cpp",
+    "cpu_linear.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("vec.h", "pack.h")]  # included by the training kernels
 # -ffp-contract=off: no a * b + c fused behind the code's back, so the kernels' rounding does not change with the
 # compiler's inlining choices (an unrelated edit to a shared header moved attention outputs by an ulp)
@@ -209,3 +212,24 @@ def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, 
     weights) or of y [M, H]: (dx: [R, H] fp32 with weights, else [M, H] bf16 by row; dgate_up, ddown fp32;
     dweights [R, k] fp32 with weights, else empty)."""
     return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights)
+
+
+def linear_weight_grad_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_weight_grad` can give the gradient of weight [N, K] in a product with x [.., K]: on a CPU
+    with AMX, N and K multiples of 32."""
+    return x.device.type == "cpu" and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0 and _amx()
+
+
+def linear_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy [T, N], x [T, K] bf16 (rows contiguous) -> dy^T x [N, K] fp32 (products summed in fp32, rounded once)."""
+    return torch.ops.dsv3.linear_weight_grad(dy, x)
+
+
+def swiglu_forward(gu: torch.Tensor) -> torch.Tensor:
+    """gu [T, 2I] bf16 (gate values, then up values) -> silu(gate) * up [T, I] bf16, rounded as autocast's ops round."""
+    return torch.ops.dsv3.swiglu_forward(gu)
+
+
+def swiglu_backward(da: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """The gradient [T, 2I] bf16 of gu for `swiglu_forward` from da [T, I] bf16."""
+    return torch.ops.dsv3.swiglu_backward(da, gu)

@@ -49,17 +49,6 @@ inline __m512i row_offsets(int64_t ld_dwords) {  // dword offsets of 16 consecut
                             _mm512_set1_epi32(int(ld_dwords)));
 }
 
-// dst[c * ldd + r] = src[r * lds + c]: rows % 16 == 0, cols and lds even
-inline void transpose(const bf16* src, int64_t lds, int64_t rows, int64_t cols, bf16* dst, int64_t ldd) {
-  const __m512i idx = row_offsets(lds / 2);
-  for (int64_t r = 0; r < rows; r += 16)
-    for (int64_t c = 0; c < cols; c += 2) {
-      __m512i w = _mm512_i32gather_epi32(idx, src + r * lds + c, 4);  // (src[r + j][c], src[r + j][c + 1])
-      _mm256_storeu_si256((__m256i*)(dst + c * ldd + r), _mm512_cvtepi32_epi16(w));
-      _mm256_storeu_si256((__m256i*)(dst + (c + 1) * ldd + r), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
-    }
-}
-
 // r[i] (16 dwords each) <- the transposed 16 x 16 matrix: r[j] holds dword j of every former row, in row order
 inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -82,6 +71,38 @@ inline void transpose16(__m512i r[16]) {
     r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
     r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
   }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for c < cols, r < rows. With cols % 32 == 0, 32 x 32 blocks go through
+// registers (rows padded with zeros to a multiple of 32 in dst); else rows % 16 == 0, cols and lds even (gathers).
+inline void transpose(const bf16* src, int64_t lds, int64_t rows, int64_t cols, bf16* dst, int64_t ldd) {
+  if (cols % 32 == 0) {
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                                          24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+      for (int64_t c = 0; c < cols; c += 32) {
+        __m512i a[16], b[16];  // rows r0 .. r0 + 15 and r0 + 16 .. r0 + 31: 32 columns (16 pairs) each
+        for (int i = 0; i < 16; ++i) {
+          a[i] = r0 + i < rows ? _mm512_loadu_si512(src + (r0 + i) * lds + c) : _mm512_setzero_si512();
+          b[i] = r0 + 16 + i < rows ? _mm512_loadu_si512(src + (r0 + 16 + i) * lds + c) : _mm512_setzero_si512();
+        }
+        transpose16(a);  // a[j]: column pair j of the 16 rows
+        transpose16(b);
+        for (int j = 0; j < 16; ++j) {
+          _mm512_storeu_si512(dst + (c + 2 * j) * ldd + r0, _mm512_permutex2var_epi16(a[j], even, b[j]));
+          _mm512_storeu_si512(dst + (c + 2 * j + 1) * ldd + r0, _mm512_permutex2var_epi16(a[j], odd, b[j]));
+        }
+      }
+    return;
+  }
+  const __m512i idx = row_offsets(lds / 2);
+  for (int64_t r = 0; r < rows; r += 16)
+    for (int64_t c = 0; c < cols; c += 2) {
+      __m512i w = _mm512_i32gather_epi32(idx, src + r * lds + c, 4);  // (src[r + j][c], src[r + j][c + 1])
+      _mm256_storeu_si256((__m256i*)(dst + c * ldd + r), _mm512_cvtepi32_epi16(w));
+      _mm256_storeu_si256((__m256i*)(dst + (c + 1) * ldd + r), _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+    }
 }
 
 // B operand X^T [D, rows] for X [rows, D] (ld lds): its VNNI form [D/2][rows][2] is X's 32-bit words transposed

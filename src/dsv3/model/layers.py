@@ -119,13 +119,52 @@ class Linear(nn.Linear):
 
     ATen's bf16 matrix-vector product reads the weights at ~12 GB/s per core on the dev VM even from cache and
     oneDNN pays ~25-40 us per call; the kernel runs the `small` preset's decode matrices 2-2.5x faster than
-    either (README, "CPU kernels"). Anything else (training, prefill, fp32, GPU) is F.linear."""
+    either (README, "CPU kernels"). Anything else is `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= 4 * self.in_features and kernels.gemv_ok(x, self.weight):
             y = kernels.gemv(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; in bf16 autocast training on CPU (fp32 weight with a gradient) through `_TrainLinear`."""
+    if _bf16_cpu_training(x, weight) and kernels.linear_weight_grad_ok(x, weight):
+        return _TrainLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _bf16_cpu_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Training under CPU bf16 autocast: an fp32 weight with a gradient, an fp32 or bf16 input."""
+    return (weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32
+            and x.dtype in (torch.float32, torch.bfloat16))
+
+
+class _TrainLinear(torch.autograd.Function):
+    """F.linear under bf16 autocast (x and the fp32 weight cast to bf16, products summed in fp32) whose weight
+    gradient dY^T X comes from `kernels.linear_weight_grad` in fp32: ATen's transposed-A matmul for it ran at
+    about half the speed of the layer's other products, and rounded dW to bf16 before its cast back to fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        return F.linear(xb, wb, None if bias is None else bias.to(torch.bfloat16))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xb, wb = ctx.saved_tensors
+        rows = dy.reshape(-1, dy.shape[-1])
+        if rows.stride(-1) != 1 or rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16).contiguous()
+        dx = (rows @ wb).view(xb.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dw = kernels.linear_weight_grad(rows, xb.reshape(-1, xb.shape[-1])) if ctx.needs_input_grad[1] else None
+        db = rows.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 class MLP(nn.Module):
@@ -138,7 +177,38 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate):  # gate's shape is down's, transposed
+            return _TrainMLP.apply(x, gate, up, down)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _TrainMLP(torch.autograd.Function):
+    """MLP.forward under CPU bf16 autocast training with the gate and up projections as one product [T, 2I], SwiGLU
+    in one pass each way (`kernels.swiglu_forward` / `swiglu_backward`, autocast's roundings) and the weight
+    gradients from `kernels.linear_weight_grad` (as `_TrainLinear`): autograd's path ran five elementwise passes
+    and summed the two input gradients of gate and up."""
+
+    @staticmethod
+    def forward(ctx, x, gate, up, down):
+        xb = x.to(torch.bfloat16)
+        gate_up, downb = torch.cat([gate.to(torch.bfloat16), up.to(torch.bfloat16)]), down.to(torch.bfloat16)
+        gu = F.linear(xb, gate_up)
+        a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1]))
+        ctx.save_for_backward(xb, gate_up, downb, gu, a)
+        ctx.x_dtype = x.dtype
+        return F.linear(a, downb).view(*x.shape[:-1], down.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        xb, gate_up, downb, gu, a = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1]).to(torch.bfloat16).contiguous()
+        x2 = xb.reshape(-1, xb.shape[-1])
+        dgu = kernels.swiglu_backward(dy @ downb, gu.view(-1, gu.shape[-1]))
+        dx = (dgu @ gate_up).view(xb.shape).to(ctx.x_dtype)
+        dgate, dup = kernels.linear_weight_grad(dgu, x2).chunk(2) if any(ctx.needs_input_grad[1:3]) else (None, None)
+        return dx, dgate, dup, kernels.linear_weight_grad(dy, a) if ctx.needs_input_grad[3] else None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

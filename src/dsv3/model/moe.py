@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, linear
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         """x [N, H] -> weights [N, k] (fp32), expert indices [N, k], scores [N, E] (fp32)."""
         # in fp32, unless autocast runs the product in its own dtype anyway (then x may arrive in it: no round trip)
-        logits = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.float(), self.weight.float())
+        logits = linear(x if torch.is_autocast_enabled(x.device.type) else x.float(), self.weight.float())
         sigmoid = self.cfg.scoring_func == "sigmoid"
         scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias
