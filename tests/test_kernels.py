@@ -432,6 +432,8 @@ def test_add_rms_norm_kernel_is_the_add_then_the_norm(rdtype):
     dx, dw = kernels.rms_norm_backward(dy, s, w, rstd, dres)
     dx_ref, dw_ref = kernels.rms_norm_backward(dy, s, w, rstd)
     assert torch.equal(dx, dx_ref + dres) and torch.equal(dw, dw_ref)
+    dx2, dw2, dx_bf16 = kernels.rms_norm_backward(dy, s, w, rstd, dres, bf16_copy=True)  # for a bf16 r
+    assert torch.equal(dx2, dx) and torch.equal(dw2, dw) and torch.equal(dx_bf16, dx.bfloat16())
 
 
 @needs_kernels

@@ -167,10 +167,11 @@ def add_rms_norm_forward(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps:
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      dres: torch.Tensor | None = None):
+                      dres: torch.Tensor | None = None, bf16_copy: bool = False):
     """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above; dy fp32 or bf16. dres [R, D] fp32 (for an fp32
-    x): a gradient reaching x by another way, added to dx."""
-    return torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd, dres)
+    x): a gradient reaching x by another way, added to dx. With bf16_copy (fp32 x), (dx, dw, dx rounded to bf16)."""
+    dx, dw, dx_bf16 = torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd, dres, bf16_copy)
+    return (dx, dw, dx_bf16) if bf16_copy else (dx, dw)
 
 
 def cross_entropy_ok(logits: torch.Tensor) -> bool:
@@ -207,11 +208,11 @@ def experts_forward(x, order, k: int, counts: list[int], gate_up, down, weights=
     return torch.ops.dsv3.experts_forward(x, order, k, counts, gate_up, down, weights)
 
 
-def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, weights=None):
+def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, weights=None, bf16_dx=False):
     """Gradients for the forward above (x: its x in bf16, h: its h) from dy, the gradient of out [R, H] (with
-    weights) or of y [M, H]: (dx: [R, H] fp32 with weights, else [M, H] bf16 by row; dgate_up, ddown fp32;
-    dweights [R, k] fp32 with weights, else empty)."""
-    return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights)
+    weights) or of y [M, H]: (dx: [R, H] with weights, fp32 or rounded to bf16 with bf16_dx, else [M, H] bf16 by
+    row; dgate_up, ddown fp32; dweights [R, k] fp32 with weights, else empty)."""
+    return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights, bf16_dx)
 
 
 def linear_weight_grad_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -275,12 +275,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
 
 // dy: the gradient of the forward's out [R, H] when it had weights, else of y [M, H] (by slot); fp32 or bf16. x: the
 // forward's x in bf16 (its rows are gathered again rather than kept); the rest as for the forward. Returns dx (with
-// weights [R, H] fp32, each token's k slots summed in fp32; else [M, H] bf16 by row), dgate_up and ddown fp32 (zero
-// for experts without rows), and with weights dweights [R, k] fp32 (else empty).
+// weights [R, H], each token's k slots summed in fp32, kept in fp32 or rounded to bf16 with bf16_dx; else [M, H]
+// bf16 by row), dgate_up and ddown fp32 (zero for experts without rows), and with weights dweights [R, k] fp32 (else
+// empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down,
-    const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& weights, bool bf16_dx) {
   const int64_t H = dy.size(1), I = down.size(2);
   check_weights(gate_up, down, counts.size(), H);
   const Layout L(order, k, counts);
@@ -310,17 +311,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
                                                           dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
                                                           dw.data_ptr<float>()); }));
   if (!w.defined()) return {dxs, dgate_up, ddown, dw};
-  at::Tensor dx = at::empty({R, H}, dy.options().dtype(at::kFloat));
+  at::Tensor dx = at::empty({R, H}, dy.options().dtype(bf16_dx ? at::kBFloat16 : at::kFloat));
   const bf16* sp = dxs.const_data_ptr<bf16>();
-  float* dp = dx.data_ptr<float>();
-  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t c = 0; c < H; c += 16) {
-        __m512 acc = load16(sp + t * k * H + c);
-        for (int64_t j = 1; j < k; ++j) acc = _mm512_add_ps(acc, load16(sp + (t * k + j) * H + c));
-        store16(dp + t * H + c, acc);
-      }
-  });
+  auto ksum = [&](auto* dp) {
+    at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t c = 0; c < H; c += 16) {
+          __m512 acc = load16(sp + t * k * H + c);
+          for (int64_t j = 1; j < k; ++j) acc = _mm512_add_ps(acc, load16(sp + (t * k + j) * H + c));
+          store16(dp + t * H + c, acc);
+        }
+    });
+  };
+  if (bf16_dx) ksum(dx.data_ptr<bf16>());
+  else ksum(dx.data_ptr<float>());
   return {dx, dgate_up, ddown, dw};
 }
 
@@ -330,7 +334,7 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down, Tensor? weights) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor x, Tensor h, Tensor gate_up, "
-        "Tensor down, Tensor? weights) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor down, Tensor? weights, bool bf16_dx=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {

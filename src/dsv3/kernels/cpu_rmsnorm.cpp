@@ -51,7 +51,7 @@ void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D,
 // With dres (the gradient of the fp32 sum x = h + r itself): dx += dres
 template <typename T, typename G>
 void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const float* rstd, int64_t D, int64_t begin,
-                   int64_t end, T* dx, float* dw, const float* dres = nullptr) {
+                   int64_t end, T* dx, float* dw, const float* dres = nullptr, bf16* dx_bf16 = nullptr) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
     const G* g = dy + i * D;
@@ -67,7 +67,9 @@ void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const f
       __m512 n = _mm512_mul_ps(load16(xr + d), vr);
       __m512 dn = round_as<T>(_mm512_mul_ps(load16(g + d), _mm512_loadu_ps(w + d)));
       const __m512 g = _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn));
-      store16(dx + i * D + d, dres ? _mm512_add_ps(g, load16(dres + i * D + d)) : g);
+      const __m512 v = dres ? _mm512_add_ps(g, load16(dres + i * D + d)) : g;
+      store16(dx + i * D + d, v);
+      if (dx_bf16) store16(dx_bf16 + i * D + d, v);
     }
   }
 }
@@ -123,9 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Te
 }
 
 // -> dx [R, D] in x's dtype (plus dres [R, D] fp32 when given: the gradient reaching x by another way, for an fp32
-// x), dw [D] fp32 (per-thread partial sums, added in thread order: deterministic)
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                                     const at::Tensor& rstd, const std::optional<at::Tensor>& dres) {
+// x), dw [D] fp32 (per-thread partial sums, added in thread order: deterministic), and with bf16_copy dx rounded to
+// bf16 as well (for an fp32 x: the gradient of a bf16 residual, which autograd would otherwise cast in a pass)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                                 const at::Tensor& w, const at::Tensor& rstd,
+                                                                 const std::optional<at::Tensor>& dres, bool bf16_copy) {
   check(x, w);
   TORCH_CHECK((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16) && dy.is_contiguous() &&
               dy.sizes() == x.sizes(), "rms_norm: dy must be contiguous fp32 or bf16 shaped like x");
@@ -135,6 +139,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
   const float* rp = with_res ? dres->const_data_ptr<float>() : nullptr;
   const int64_t R = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(!bf16_copy || x.scalar_type() == at::kFloat, "rms_norm: bf16_copy is for an fp32 x");
+  at::Tensor dxb = at::empty({bf16_copy ? R : 0, D}, x.options().dtype(at::kBFloat16));
+  bf16* dxbp = bf16_copy ? dxb.data_ptr<bf16>() : nullptr;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
   at::Tensor partial = at::zeros({chunks, D}, w.options());
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -142,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
       const int64_t begin = R * c / chunks, end = R * (c + 1) / chunks;
       float* dw = partial.data_ptr<float>() + c * D;
       auto rows = [&](auto* gp, auto* xp, auto* dxp) {
-        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp);
+        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp,
+                      dxbp);
       };
       const bool gf = dy.scalar_type() == at::kFloat;
       if (x.scalar_type() == at::kFloat) {
@@ -154,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
       }
     }
   });
-  return {dx, partial.sum(0)};
+  return {dx, partial.sum(0), dxb};
 }
 
 }  // namespace
@@ -162,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("rms_norm_forward(Tensor x, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor)");
   m.def("add_rms_norm_forward(Tensor h, Tensor r, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres=None) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres=None, bool bf16_copy=False) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {

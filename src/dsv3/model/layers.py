@@ -78,6 +78,7 @@ class _FusedAddRMSNorm(torch.autograd.Function):
                                                   eps, bf16)
         ctx.save_for_backward(s, weight, rstd)
         ctx.set_materialize_grads(False)  # the sum's gradient is None where only the norm is used (the last one)
+        ctx.r_bf16 = r.dtype == torch.bfloat16
         return s.view(h.shape), y.view(h.shape)
 
     @staticmethod
@@ -87,9 +88,10 @@ class _FusedAddRMSNorm(torch.autograd.Function):
         if dy is None:
             return ds, ds, None, None, None
         dres = None if ds is None else ds.reshape(s.shape).contiguous()
-        dx, dw = kernels.rms_norm_backward(dy.reshape(s.shape).contiguous(), s, weight, rstd, dres)
-        dx = dx.view(ds.shape if ds is not None else dy.shape)
-        return dx, dx, dw, None, None
+        # a bf16 r (a block's output) takes the same gradient rounded, written in the same pass
+        dx, dw, *dr = kernels.rms_norm_backward(dy.reshape(s.shape).contiguous(), s, weight, rstd, dres, ctx.r_bf16)
+        shape = ds.shape if ds is not None else dy.shape
+        return dx.view(shape), (dr[0] if dr else dx).view(shape), dw, None, None
 
 
 @contextmanager

@@ -207,7 +207,7 @@ class _CPUExpertsKernel(torch.autograd.Function):
     def backward(ctx, dy):
         order, x, h, gate_up, down, weights = ctx.saved_tensors
         dx, dgate_up, ddown, dweights = kernels.experts_backward(dy.contiguous(), order, ctx.k, ctx.counts, x, h,
-                                                                 gate_up, down, weights)
+                                                                 gate_up, down, weights, ctx.x_dtype == torch.bfloat16)
         dweights = dweights if weights is not None else None
         return dx.to(ctx.x_dtype), dweights, None, None, None, dgate_up, ddown
 
