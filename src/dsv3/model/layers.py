@@ -196,10 +196,10 @@ class _TrainMLP(torch.autograd.Function):
         xb = x.to(torch.bfloat16)
         gate_up, downb = torch.cat([gate.to(torch.bfloat16), up.to(torch.bfloat16)]), down.to(torch.bfloat16)
         gu = F.linear(xb, gate_up)
-        a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1]))
+        a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1)
         ctx.save_for_backward(xb, gate_up, downb, gu, a)
         ctx.x_dtype = x.dtype
-        return F.linear(a, downb).view(*x.shape[:-1], down.shape[0])
+        return F.linear(a, downb)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -210,7 +210,8 @@ class _TrainMLP(torch.autograd.Function):
         dgu = kernels.swiglu_backward(dy @ downb, gu.view(-1, gu.shape[-1]))
         dx = (dgu @ gate_up).view(xb.shape).to(ctx.x_dtype)
         dgate, dup = kernels.linear_weight_grad(dgu, x2).chunk(2) if any(ctx.needs_input_grad[1:3]) else (None, None)
-        return dx, dgate, dup, kernels.linear_weight_grad(dy, a) if ctx.needs_input_grad[3] else None
+        ddown = kernels.linear_weight_grad(dy, a.view(-1, a.shape[-1])) if ctx.needs_input_grad[3] else None
+        return dx, dgate, dup, ddown
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
