@@ -34,7 +34,8 @@ constexpr int64_t kT = 256;   // tokens per chunk (the K of each call)
 constexpr int64_t kN = 512;   // largest tile of dW (rows and columns)
 
 // Token pairs [p0, p1) of x [T, K] (rows ldx apart) in VNNI form at out (pair p0's place), zeros past T
-inline void pack_pairs(const bf16* x, int64_t ldx, int64_t T, int64_t p0, int64_t p1, int64_t K, bf16* out, int64_t ldb) {
+inline void pack_pairs(const bf16* x, int64_t ldx, int64_t T, int64_t p0, int64_t p1, int64_t K, bf16* out,
+                       int64_t ldb) {
   const int64_t full = std::clamp<int64_t>(T / 2, p0, p1);
   pack_rows(x + 2 * p0 * ldx, ldx, 2 * (full - p0), K, out, ldb);
   for (int64_t p = full; p < p1; ++p) {  // T's last row when odd, then padding
@@ -42,7 +43,8 @@ inline void pack_pairs(const bf16* x, int64_t ldx, int64_t T, int64_t p0, int64_
     std::memset(o, 0, ldb * 2 * sizeof(bf16));
     if (2 * p < T)
       for (int64_t n = 0; n < K; n += 16)
-        _mm512_storeu_si512(o + 2 * n, interleave(_mm256_loadu_si256((const __m256i*)(x + 2 * p * ldx + n)), _mm256_setzero_si256()));
+        _mm512_storeu_si512(o + 2 * n, interleave(_mm256_loadu_si256((const __m256i*)(x + 2 * p * ldx + n)),
+                                                  _mm256_setzero_si256()));
   }
 }
 
@@ -70,7 +72,9 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   const int64_t ldv = rblocks > 1 ? ld_b(K) : ld_b(cb), ldc = ld_c(cb);  // VNNI X's (pairs apart), C's
   std::vector<char> xbuf;
   bf16* Xv = rblocks > 1 ? (bf16*)carve(xbuf, {Tp * ldv * 2})[0] : nullptr;
-  if (Xv) at::parallel_for(0, Tp / 2, 64, [&](int64_t b, int64_t e) { pack_pairs(xp, ldx, T, b, e, K, Xv + 2 * b * ldv, ldv); });
+  if (Xv)
+    at::parallel_for(0, Tp / 2, 64,
+                     [&](int64_t b, int64_t e) { pack_pairs(xp, ldx, T, b, e, K, Xv + 2 * b * ldv, ldv); });
   std::vector<float> partial(split > 1 ? split * N * K : 0);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nt, tiles * split), 1, [&](int64_t, int64_t) {
@@ -80,7 +84,8 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
     float* C = (float*)s[1];
     for (int64_t item; (item = next.fetch_add(1)) < tiles * split;) {
       const int64_t tile = item / split, part = item % split;
-      const int64_t n0 = tile / cblocks * rb, nr = std::min(rb, N - n0), k0 = tile % cblocks * cb, kw = std::min(cb, K - k0);
+      const int64_t n0 = tile / cblocks * rb, nr = std::min(rb, N - n0);
+      const int64_t k0 = tile % cblocks * cb, kw = std::min(cb, K - k0);
       const int64_t t0 = chunks * part / split * kT, t1 = std::min(Tp, chunks * (part + 1) / split * kT);
       for (int64_t tc = t0; tc < t1; tc += kT) {
         const int64_t kc = std::min(kT, t1 - tc);
@@ -121,7 +126,8 @@ at::Tensor swiglu_forward(const at::Tensor& gu) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t d = 0; d < I; d += 16) {
         const __m512 gv = load16(g + t * 2 * I + d), u = load16(g + t * 2 * I + I + d);
-        const __m512 sl = round_as<bf16>(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+        const __m512 e1 = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        const __m512 sl = round_as<bf16>(_mm512_div_ps(gv, e1));
         store16(ap + t * I + d, _mm512_mul_ps(sl, u));
       }
   });
@@ -147,7 +153,8 @@ at::Tensor swiglu_backward(const at::Tensor& da, const at::Tensor& gu) {
         const __m512 e1 = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
         const __m512 sl = round_as<bf16>(_mm512_div_ps(gv, e1)), s = _mm512_div_ps(one, e1);
         const __m512 ds = round_as<bf16>(_mm512_mul_ps(dav, u));
-        store16(dp + t * 2 * I + d, _mm512_mul_ps(_mm512_mul_ps(ds, s), _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, s)))));
+        const __m512 dsilu = _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, s)));
+        store16(dp + t * 2 * I + d, _mm512_mul_ps(_mm512_mul_ps(ds, s), dsilu));
         store16(dp + t * 2 * I + I + d, _mm512_mul_ps(dav, sl));
       }
   });
