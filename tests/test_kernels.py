@@ -127,6 +127,12 @@ def test_training_linear_takes_the_weight_gradient_from_the_kernel(bias, dtype, 
     assert (dw.double() - exact).abs().max() < 1e-4 < (dw_ref.double() - exact).abs().max()
     if bias:
         torch.testing.assert_close(db, dy.float().sum((0, 1)), rtol=1e-6, atol=1e-5)
+    monkeypatch.undo()
+    xt = torch.randn(96, 20, generator=g).to(dtype).t()  # rows not contiguous: copied for the kernel
+    lin.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(xt).float().sum().backward()
+    torch.testing.assert_close(lin.weight.grad, xt.bfloat16().float().sum(0).expand(64, 96), rtol=1e-6, atol=1e-5)
 
 
 @needs_kernels

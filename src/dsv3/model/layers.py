@@ -152,6 +152,8 @@ class _TrainLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        if xb.stride(-1) != 1:  # the kernel reads rows
+            xb = xb.contiguous()
         ctx.save_for_backward(xb, wb)
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return F.linear(xb, wb, None if bias is None else bias.to(torch.bfloat16))
@@ -194,6 +196,8 @@ class _TrainMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, up, down):
         xb = x.to(torch.bfloat16)
+        if xb.stride(-1) != 1:  # the kernel reads rows
+            xb = xb.contiguous()
         gate_up, downb = torch.cat([gate.to(torch.bfloat16), up.to(torch.bfloat16)]), down.to(torch.bfloat16)
         gu = F.linear(xb, gate_up)
         a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1)
