@@ -160,7 +160,7 @@ std::pair<int64_t, int64_t> key_range(int64_t m0, int64_t rows, int64_t Tk, bool
 // chunks. out = O / sum and lse = max + log(sum) for the backward.
 void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const Rope& rope, Mask mask,
                   bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
-                  float* lse, int64_t ldl, std::vector<char>& scratch) {
+                  float* lse, int64_t ldl, Scratch& scratch) {
   const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
   const int64_t kc = std::min(Tkp, kChunk);
   // leading dims padded past powers of two (pack.h): ~1.7x the brgemm speed
@@ -243,7 +243,7 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
 void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const Rope& rope,
                    const bf16* o, int64_t ldo, const bf16* go, int64_t ldgo, const float* lse, int64_t ldl, Mask mask,
                    bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* dq, int64_t lddq,
-                   bf16* dk, int64_t lddk, bf16* dv, int64_t lddv, std::vector<char>& scratch) {
+                   bf16* dk, int64_t lddk, bf16* dv, int64_t lddv, Scratch& scratch) {
   const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
   const int64_t kc = std::min(Tkp, kChunk);
   // queries per chunk: its P and dS columns (2 x qc x Tkp bf16) ~1 MB, to stay in L2
@@ -425,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<char> scratch;
+    Scratch scratch;
     RopeArgs r = ra;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, hi = bh % H;
@@ -459,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dq = at::empty_like(q), dkv = at::empty({B, Tk, H, Dk + Dv}, k.options());
   at::Tensor dk_pe = at::empty({Dr ? B : 0, Tk, H, Dr}, q.options().dtype(at::kFloat));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<char> scratch;
+    Scratch scratch;
     RopeArgs r = ra;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / H, hi = bh % H;

@@ -80,7 +80,7 @@ void for_each_expert(const Layout& L, F fn) {
   std::atomic<int64_t> next{0};
   const int64_t n = L.by_size.size();
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
-    std::vector<char> scratch;
+    Scratch scratch;
     for (int64_t j; (j = next.fetch_add(1)) < n;) fn(L.by_size[j], scratch);
     cpublas::brgemm_release(true);
   });
@@ -109,7 +109,7 @@ template <typename T>
 void forward_impl(const T* x, const Layout& L, const float* gate_up, const float* down, int64_t H, int64_t I,
                   bf16* y, bf16* h) {
   const int64_t I2 = 2 * I;
-  for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
+  for_each_expert(L, [&](int64_t e, Scratch& scratch) {
     const auto s = carve(scratch, {H * ld_b(I2) * 2, I * ld_b(H) * 2, kR * ld_a(H) * 2, kR * ld_a(I) * 2,
                                    kR * ld_c(I2) * 4, kR * ld_c(H) * 4});
     bf16* Bgu = (bf16*)s[0];  // VNNI of Wgu^T [H, 2I]
@@ -148,7 +148,7 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
                    const float* down, const float* w, int64_t H, int64_t I, bf16* dx, float* dgate_up, float* ddown,
                    float* dw) {
   const int64_t I2 = 2 * I, ldT = ld_a(kC);
-  for_each_expert(L, [&](int64_t e, std::vector<char>& scratch) {
+  for_each_expert(L, [&](int64_t e, Scratch& scratch) {
     const auto s = carve(scratch, {H * ld_b(I) * 2, I2 * ld_b(H) * 2, kR * ld_a(H) * 2, kR * ld_a(I2) * 2, kR * I * 2,
                                    H * ldT * 2, I2 * ldT * 2, kC * ld_b(I) * 2, kC * ld_b(H) * 2, kR * H * 2,
                                    kR * ld_c(I) * 4, kR * ld_c(H) * 4});

@@ -70,15 +70,17 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   const int64_t cblocks = (K + kN - 1) / kN, cb = round_up((K + cblocks - 1) / cblocks, int64_t(32));
   const int64_t tiles = rblocks * cblocks, split = std::clamp<int64_t>((2 * nt + tiles - 1) / tiles, 1, chunks);
   const int64_t ldv = rblocks > 1 ? ld_b(K) : ld_b(cb), ldc = ld_c(cb);  // VNNI X's (pairs apart), C's
-  std::vector<char> xbuf;
+  Scratch xbuf;
   bf16* Xv = rblocks > 1 ? (bf16*)carve(xbuf, {Tp * ldv * 2})[0] : nullptr;
   if (Xv)
     at::parallel_for(0, Tp / 2, 64,
                      [&](int64_t b, int64_t e) { pack_pairs(xp, ldx, T, b, e, K, Xv + 2 * b * ldv, ldv); });
-  std::vector<float> partial(split > 1 ? split * N * K : 0);
+  // the first share's sums go straight to out, the others' here (every element written before it is read)
+  at::Tensor rest = at::empty({(split - 1) * N * K}, out.options());
+  float* partial = rest.data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nt, tiles * split), 1, [&](int64_t, int64_t) {
-    std::vector<char> scratch;
+    Scratch scratch;
     const auto s = carve(scratch, {rb * ld_a(kT) * 2, rb * ldc * 4, Xv ? 0 : kT * ldv * 2});
     bf16* A = (bf16*)s[0];
     float* C = (float*)s[1];
@@ -96,7 +98,7 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
           cpublas::brgemm(std::min(kM, nr - m0), kw, kc, ld_a(kT), ldv, ldc, tc > t0, A + m0 * ld_a(kT), B,
                           C + m0 * ldc, true);
       }
-      float* dst = split > 1 ? partial.data() + part * N * K : op;
+      float* dst = part == 0 ? op : partial + (part - 1) * N * K;
       for (int64_t i = 0; i < nr; ++i) std::memcpy(dst + (n0 + i) * K + k0, C + i * ldc, kw * 4);
     }
     cpublas::brgemm_release(true);
@@ -104,8 +106,8 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   if (split > 1)
     at::parallel_for(0, N * K / 16, 256, [&](int64_t b, int64_t e) {
       for (int64_t i = 16 * b; i < 16 * e; i += 16) {
-        __m512 acc = _mm512_loadu_ps(partial.data() + i);
-        for (int64_t p = 1; p < split; ++p) acc = _mm512_add_ps(acc, _mm512_loadu_ps(partial.data() + p * N * K + i));
+        __m512 acc = _mm512_loadu_ps(op + i);
+        for (int64_t p = 0; p + 1 < split; ++p) acc = _mm512_add_ps(acc, _mm512_loadu_ps(partial + p * N * K + i));
         _mm512_storeu_ps(op + i, acc);
       }
     });

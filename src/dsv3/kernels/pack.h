@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -26,12 +27,21 @@ inline int64_t ld_a(int64_t K) { return K + 32; }  // bf16 rows of A
 inline int64_t ld_b(int64_t N) { return N + 16; }  // VNNI B: 2 N bf16 per row pair, ld_b(N) pairs apart
 inline int64_t ld_c(int64_t N) { return N + 16; }  // fp32 rows of C
 
-// 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf (grown as needed)
-inline std::vector<char*> carve(std::vector<char>& buf, std::initializer_list<int64_t> bytes) {
+// A thread's scratch memory, grown as needed and not zero-filled (every kernel writes what it reads)
+struct Scratch {
+  std::unique_ptr<char[]> data;
+  int64_t size = 0;
+};
+
+// 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf
+inline std::vector<char*> carve(Scratch& buf, std::initializer_list<int64_t> bytes) {
   int64_t total = 64;
   for (int64_t b : bytes) total += round_up<int64_t>(b, 64);
-  if (int64_t(buf.size()) < total) buf.resize(total);
-  char* p = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(buf.data()), 64));
+  if (buf.size < total) {
+    buf.data.reset(new char[total]);
+    buf.size = total;
+  }
+  char* p = reinterpret_cast<char*>(round_up<uintptr_t>(reinterpret_cast<uintptr_t>(buf.data.get()), 64));
   std::vector<char*> out;
   for (int64_t b : bytes) out.push_back(p), p += round_up<int64_t>(b, 64);
   return out;
