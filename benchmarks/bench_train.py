@@ -71,7 +71,7 @@ def main() -> None:
     before = loadavg()
 
     def ours_loss(b):
-        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False).logits, b[:, 1:])
+        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False).logits, b[:, 1:], overwrite_logits=True)
 
     def hf_loss(b):  # transformers' ForCausalLMLoss: upcast the logits, then F.cross_entropy
         logits = hf(b[:, :-1]).logits.float()

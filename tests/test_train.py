@@ -170,6 +170,34 @@ def test_blockwise_cross_entropy_matches_torch(monkeypatch, dtype, kernel):
     assert cross_entropy(logits, torch.full((4, 5), -100)).isnan()  # nothing to average, as F.cross_entropy
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cross_entropy_can_write_its_gradient_over_the_logits(monkeypatch, kernel):
+    """overwrite_logits: the same loss and bit-identical gradient, written into the logits' own memory (through the
+    kernel and blockwise); a second backward through the graph then raises instead of reading the gradient."""
+    from dsv3 import kernels
+
+    if kernel and not kernels.available():
+        pytest.skip("no CPU kernels here")
+    monkeypatch.setattr(kernels, "cross_entropy_ok", lambda logits: kernel)
+    monkeypatch.setattr(_BlockwiseCrossEntropy, "BLOCK", 3 * 50)
+    g = torch.Generator().manual_seed(0)
+    start = (torch.randn(4, 5, 50, generator=g) * 3).bfloat16()
+    labels = torch.randint(0, 50, (4, 5), generator=g)
+    labels[1, 2] = -100
+    results = []
+    for overwrite in (False, True):
+        x = start.clone().requires_grad_()
+        logits = x * 1  # not a leaf, as a model's output
+        loss = cross_entropy(logits, labels, overwrite_logits=overwrite)
+        (loss * 1.7).backward(retain_graph=True)
+        results.append((loss.detach(), x.grad))
+        assert torch.equal(logits, x.grad) == overwrite  # the gradient took the logits' place
+        assert (logits._version > 0) == overwrite  # and autograd knows they changed
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(RuntimeError, match="overwrite_logits"):
+        loss.backward()
+
+
 def test_schedules():
     peak = 1e-3
     assert lr_at(0, 100, peak, 10, 0.5, 0.1) == pytest.approx(peak / 10)

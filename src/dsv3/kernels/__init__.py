@@ -185,9 +185,13 @@ def cross_entropy_lse(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.dsv3.cross_entropy_lse(logits)
 
 
-def cross_entropy_grad(logits, lse, target, scale) -> torch.Tensor:
+def cross_entropy_grad(logits, lse, target, scale, inplace: bool = False) -> torch.Tensor:
     """d/d logits of sum_i scale[i] (lse[i] - logits[i, target[i]]): (softmax - one-hot) x scale, in the logits'
-    dtype (the fp32 value rounded once)."""
+    dtype (the fp32 value rounded once); with inplace, written over the logits (returned)."""
+    if inplace:
+        torch.ops.dsv3.cross_entropy_grad_(logits, lse, target, scale)
+        torch.autograd.graph.increment_version(logits)  # as ATen's in-place ops: autograd then sees the change
+        return logits
     return torch.ops.dsv3.cross_entropy_grad(logits, lse, target, scale)
 
 

@@ -434,15 +434,20 @@ class LatentCache:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", overwrite_logits: bool = False) -> torch.Tensor:
     """Token cross-entropy of logits [..., V] against labels [...] in fp32, as F.cross_entropy(logits.float(), ...)
     computes it (labels equal to ignore_index count for nothing; "mean" divides by the others, "sum" does not),
     but a block of rows at a time: no fp32 copy of the logits, log-softmax or its gradient is ever whole. For the
     `small` preset's 8 x 1024 x 8192 bf16 logits that is ~800 MB less memory and 0.17 s instead of 0.29-0.5 s per
     forward + backward on the 2-core CPU; the gradient is the same fp32 softmax - one-hot, rounded once. On CPUs
-    with dsv3's kernels a row at a time, in one pass each way (0.04 s there)."""
+    with dsv3's kernels a row at a time, in one pass each way (0.04 s there).
+
+    overwrite_logits: the backward writes the logits' gradient over the logits rather than into a new buffer (for
+    callers that do not read the logits after backward, as training does): one logits-sized allocation less, which
+    on CPU the allocator often had to fault in afresh (0.017 s when it need not, up to 0.1 s when it did, 128 MB of
+    bf16 logits); a second backward through the same graph (retain_graph) then raises."""
     flat, target = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    total = _BlockwiseCrossEntropy.apply(flat, target, ignore_index)
+    total = _BlockwiseCrossEntropy.apply(flat, target, ignore_index, overwrite_logits)
     if reduction == "sum":
         return total
     if reduction != "mean":
@@ -459,7 +464,8 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     GPU_BLOCK = 1 << 25
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int):
+    def forward(ctx, logits, labels, ignore_index: int, overwrite: bool = False):
+        ctx.overwrite, ctx.spent = overwrite, False
         keep = labels != ignore_index
         target = labels.masked_fill(~keep, 0)
         ctx.kernel = kernels.cross_entropy_ok(logits)
@@ -476,14 +482,18 @@ class _BlockwiseCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if ctx.spent:
+            raise RuntimeError("cross_entropy(..., overwrite_logits=True) backward ran already: its gradient was "
+                               "written over the logits, so a second backward (retain_graph) cannot run")
+        ctx.spent = ctx.overwrite
         logits, target, keep, lse = ctx.saved_tensors
         scale = grad * keep  # [N]: zero on ignored rows
         if ctx.kernel:
-            return kernels.cross_entropy_grad(logits, lse, target, scale.float()), None, None
-        dlogits = torch.empty_like(logits)
+            return kernels.cross_entropy_grad(logits, lse, target, scale.float(), ctx.overwrite), None, None, None
+        dlogits = logits if ctx.overwrite else torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.rows):
             e = min(s + ctx.rows, logits.shape[0])
             p = (logits[s:e].float() - lse[s:e, None]).exp_()  # softmax (out of place: fp32 logits are not copied)
             p[torch.arange(e - s, device=p.device), target[s:e]] -= 1
             dlogits[s:e] = p.mul_(scale[s:e, None])
-        return dlogits, None, None
+        return dlogits, None, None, None

@@ -301,16 +301,17 @@ class Trainer:
         with ctx:
             out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda), documents=self._documents(inputs))
         if global_counts is None:
-            main = cross_entropy(out.logits, labels)
+            main = cross_entropy(out.logits, labels, overwrite_logits=True)
             mtp = torch.zeros((), device=main.device)
             if out.mtp_logits:
-                mtp = sum(cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1))
+                mtp = sum(cross_entropy(lg, labels[:, k:], overwrite_logits=True)
+                          for k, lg in enumerate(out.mtp_logits, start=1))
                 mtp = mtp / len(out.mtp_logits)
         else:
-            main = cross_entropy(out.logits, labels, reduction="sum") / global_counts[0]
+            main = cross_entropy(out.logits, labels, reduction="sum", overwrite_logits=True) / global_counts[0]
             mtp = torch.zeros((), device=main.device)
             if out.mtp_logits:
-                mtp = sum(cross_entropy(lg, labels[:, k:], reduction="sum") / global_counts[k]
+                mtp = sum(cross_entropy(lg, labels[:, k:], reduction="sum", overwrite_logits=True) / global_counts[k]
                           for k, lg in enumerate(out.mtp_logits, 1))
                 mtp = mtp / len(out.mtp_logits)
         routing = out.routing + out.mtp_routing
