@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import DeepseekV3, ModelConfig, kernels
-from dsv3.model.layers import Linear
+from dsv3.model.layers import Linear, fused_linear
 from dsv3.model.transformer import cross_entropy
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="CPU without AVX512-BF16 or no C++ compiler")
@@ -133,6 +133,39 @@ def test_training_linear_takes_the_weight_gradient_from_the_kernel(bias, dtype, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lin(xt).float().sum().backward()
     torch.testing.assert_close(lin.weight.grad, xt.bfloat16().float().sum(0).expand(64, 96), rtol=1e-6, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linears_are_the_layers_as_one_product(bias):
+    """fused_linear (MLA's q_a and kv_a) in CPU bf16 training: each output bit-identical to its layer's own product
+    under autocast; the input gradient is the two layers' products summed in fp32 and rounded once (each layer's
+    rounded to bf16 and summed by autograd, otherwise); the weight and bias gradients as each layer's."""
+    layers = [Linear(64, 96, bias=bias), Linear(64, 32, bias=bias)]
+    if not kernels.linear_weight_grad_ok(torch.empty(0), layers[0].weight):
+        pytest.skip("no AMX")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 64, generator=g).bfloat16().requires_grad_()
+    dys = [torch.randn(3, 50, n, generator=g).bfloat16() for n in (96, 32)]
+
+    def run(fused):
+        for layer in layers:
+            layer.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ys = fused_linear(x, *layers) if fused else [layer(x) for layer in layers]
+        torch.autograd.backward(ys, dys)
+        grads = [t.grad.clone() for layer in layers for t in layer.parameters()]
+        return [y.detach() for y in ys], x.grad, grads
+
+    ys, dx, grads = run(True)
+    ys_ref, dx_ref, grads_ref = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(ys, ys_ref))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    exact = sum(dy.double() @ layer.weight.detach().bfloat16().double() for dy, layer in zip(dys, layers))
+    err, err_ref = (dx.double() - exact).abs(), (dx_ref.double() - exact).abs()
+    assert dx.dtype == torch.bfloat16 and (err <= exact.abs() * 2**-8).all()  # within the one rounding
+    assert err.mean() < 0.8 * err_ref.mean()  # two roundings there
 
 
 @needs_kernels

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rotary
+from .layers import Linear, RMSNorm, apply_rotary, fused_linear
 
 
 class _CPUAttention(torch.autograd.Function):
@@ -73,9 +73,18 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(*x.shape[:2], self.n_heads, -1)
 
-    def latent(self, x, cos, sin):
-        """The per-token values the decode cache holds: norm(c_kv) [B, T, rank] and rotated k_pe [B, T, rope]."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+    def _project(self, x):
+        """Queries before rotation [B, T, nh, qk] and kv_a's output [B, T, rank + rope] (q_a and kv_a as one product
+        in CPU bf16 training: `fused_linear`)."""
+        if self.cfg.q_lora_rank is None:
+            return self._q(x), self.kv_a_proj_with_mqa(x)
+        q_lat, kv_a = fused_linear(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+        return self.q_b_proj(self.q_a_layernorm(q_lat)).view(*x.shape[:2], self.n_heads, -1), kv_a
+
+    def latent(self, x, cos, sin, kv_a: torch.Tensor | None = None):
+        """The per-token values the decode cache holds: norm(c_kv) [B, T, rank] and rotated k_pe [B, T, rope]
+        (from kv_a's output when given)."""
+        c_kv, k_pe = (self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a).split([self.rank, self.rope], dim=-1)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
@@ -97,18 +106,18 @@ class MLA(nn.Module):
         stores them in its blocks instead.
         """
         B, T, _ = x.shape
-        q = self._q(x)
+        q, kv_a = self._project(x)
         if cache is None and torch.is_grad_enabled() and q.requires_grad and kernels.attention_ok(
                 q, q[..., : self.v_dim], self.rope, self.interleave):
             # training on CPU: the kernels rotate q and k themselves and read k_pe once for all heads
-            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+            c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
             kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, self.n_heads, -1)
             o = _CPUAttention.apply(q.transpose(1, 2), kv.transpose(1, 2), k_pe, cos, sin, mask, self.scale, self.nope,
                                     self.interleave)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
-        c_kv, k_pe = self.latent(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin, kv_a)
         if isinstance(cache, torch.Tensor):
             cache[:, :T, : self.rank] = c_kv
             cache[:, :T, self.rank:] = k_pe

@@ -137,6 +137,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def fused_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for each layer), in CPU bf16 training as one product over the concatenated weights, split: one
+    input-gradient and one weight-gradient product instead of one per layer, and the layers' input gradients are
+    never summed in a separate pass (MLA's q_a and kv_a, which read the same normed x)."""
+    if not all(_bf16_cpu_training(x, layer.weight) and kernels.linear_weight_grad_ok(x, layer.weight)
+               for layer in layers):
+        return tuple(layer(x) for layer in layers)
+    biases = [layer.bias for layer in layers]
+    bias = None if biases[0] is None else torch.cat(biases)
+    y = _TrainLinear.apply(x, torch.cat([layer.weight for layer in layers]), bias)
+    return y.split([layer.out_features for layer in layers], dim=-1)
+
+
 def _bf16_cpu_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Training under CPU bf16 autocast: an fp32 weight with a gradient, an fp32 or bf16 input."""
     return (weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
