@@ -205,6 +205,46 @@ def test_training_mlp_runs_gate_and_up_as_one_product(dtype, monkeypatch):
 
 
 @needs_kernels
+def test_experts_kernel_adds_the_shared_experts_itself(monkeypatch):
+    """CPU bf16 training: the experts kernel adds the shared experts' output to the routed sum in its own pass and
+    their input gradient to the k slots' sum. Output and every weight gradient bit-identical to the shared MLP run
+    beside it (autograd's add and sum); the input gradient within a bf16 rounding of that (the fp32 sum rounded
+    once, where autograd rounds after each add)."""
+    from dsv3.model import layers
+    from dsv3.model.moe import Experts, MoE
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    moe = next(m for m in DeepseekV3(cfg).modules() if isinstance(m, MoE))
+    if not kernels.experts_ok(torch.zeros(1, cfg.hidden_size), moe.experts.gate_up_proj, moe.experts.down_proj):
+        pytest.skip("the experts kernel needs AMX")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 150, cfg.hidden_size, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(2, 150, cfg.hidden_size, generator=g)
+    mlp_calls = []
+    real = layers._TrainMLP.apply
+    monkeypatch.setattr(layers._TrainMLP, "apply", lambda *a: mlp_calls.append(1) or real(*a))
+
+    def run():
+        moe.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        (y.float() * dy).sum().backward()
+        return y.detach(), x.grad, [p.grad.clone() for p in moe.parameters()]
+
+    y, dx, grads = run()
+    assert mlp_calls == []  # inside the experts' call
+    monkeypatch.setattr(Experts, "folds", lambda *a: False)
+    y_ref, dx_ref, grads_ref = run()
+    assert mlp_calls == [1]
+    assert y.dtype == torch.float32 and torch.equal(y, y_ref)
+    assert len(grads) == 6 and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert dx.dtype == torch.bfloat16 and not torch.equal(dx, dx_ref)
+    torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=2 ** -8 * dx_ref.abs().max().item())
+
+
+@needs_kernels
 @pytest.mark.parametrize("N", [1, 3, 16])
 def test_experts_with_kernel_equal_aten_path(N, monkeypatch):
     """The decode-time experts (sorted rows through grouped_gemv) against the same sorted path on ATen's

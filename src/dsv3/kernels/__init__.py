@@ -203,20 +203,22 @@ def experts_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bo
             and x.shape[-1] % 32 == 0 and down.shape[-1] % 32 == 0 and _amx())
 
 
-def experts_forward(x, order, k: int, counts: list[int], gate_up, down, weights=None):
+def experts_forward(x, order, k: int, counts: list[int], gate_up, down, weights=None, add=None):
     """SwiGLU experts on x [R, H]: order [M] int64 puts the (token, choice) slots in expert order (token = slot // k;
     None: x's rows are already in expert order, k = 1), counts [E] rows per expert, fp32 gate_up [E, 2I, H] and
     down [E, H, I] (cast to bf16, products summed in fp32), router weights [R, k] fp32 (with order) or None.
     Returns (y [M, H] bf16 by slot; for the backward the gate/up activations h, bf16; with weights, out [R, H] =
-    sum_j weights[:, j] y[slot (t, j)] in fp32, else an empty tensor)."""
-    return torch.ops.dsv3.experts_forward(x, order, k, counts, gate_up, down, weights)
+    sum_j weights[:, j] y[slot (t, j)] (+ add, bf16 [R, H], after that sum) in fp32, else an empty tensor)."""
+    return torch.ops.dsv3.experts_forward(x, order, k, counts, gate_up, down, weights, add)
 
 
-def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, weights=None, bf16_dx=False):
+def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, weights=None, bf16_dx=False,
+                     dx_add=None):
     """Gradients for the forward above (x: its x in bf16, h: its h) from dy, the gradient of out [R, H] (with
-    weights) or of y [M, H]: (dx: [R, H] with weights, fp32 or rounded to bf16 with bf16_dx, else [M, H] bf16 by
-    row; dgate_up, ddown fp32; dweights [R, k] fp32 with weights, else empty)."""
-    return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights, bf16_dx)
+    weights) or of y [M, H]: (dx: [R, H] with weights, the k slots' sum (+ dx_add, bf16 [R, H]) in fp32, or rounded
+    to bf16 with bf16_dx, else [M, H] bf16 by row; dgate_up, ddown fp32; dweights [R, k] fp32 with weights, else
+    empty)."""
+    return torch.ops.dsv3.experts_backward(dy, order, k, counts, x, h, gate_up, down, weights, bf16_dx, dx_add)
 
 
 def linear_weight_grad_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

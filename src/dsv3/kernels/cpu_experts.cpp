@@ -235,11 +235,13 @@ at::Tensor router_weights(const std::optional<at::Tensor>& weights, const Layout
 
 // x [R, H] fp32 or bf16 (contiguous); order int64 [M] (token slot of each row sorted by expert; token = slot / k)
 // or none (x's rows already sorted, M = R, k = 1); counts [E] rows per expert; weights [R, k] fp32 (with order)
-// or none. Returns y [M, H] bf16 (by slot); for the backward H = X Wgu^T [P, 2I]
-// (bf16, padded per expert); and with weights out [R, H] = sum_j weights[t, j] y[t k + j] in fp32 (else empty).
+// or none; add [R, H] bf16 or none (with weights: the shared experts' output). Returns y [M, H] bf16 (by slot); for
+// the backward H = X Wgu^T [P, 2I] (bf16, padded per expert); and with weights out [R, H] = sum_j weights[t, j]
+// y[t k + j] (+ add[t]) in fp32 (else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
-    const at::Tensor& gate_up, const at::Tensor& down, const std::optional<at::Tensor>& weights) {
+    const at::Tensor& gate_up, const at::Tensor& down, const std::optional<at::Tensor>& weights,
+    const std::optional<at::Tensor>& add) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "experts_forward: contiguous fp32 or bf16 x [R, H] expected");
   const int64_t H = x.size(1), I = down.size(2), R = x.size(0);
@@ -256,16 +258,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
       AT_DISPATCH_CASE(at::kBFloat16, [&] { forward_impl(x.const_data_ptr<bf16>(), L, gate_up.const_data_ptr<float>(),
                                                          down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
                                                          h.data_ptr<bf16>()); }));
+  const bool has_add = add.has_value() && add->defined();
+  TORCH_CHECK(!has_add || (w.defined() && add->scalar_type() == at::kBFloat16 && add->is_contiguous() &&
+                           add->dim() == 2 && add->size(0) == R && add->size(1) == H),
+              "experts_forward: add must be bf16 [R, H] (contiguous), with weights");
   at::Tensor out = at::empty({w.defined() ? R : 0, H}, x.options().dtype(at::kFloat));
   if (w.defined()) {
     const float* wp = w.const_data_ptr<float>();
     const bf16* yp = y.const_data_ptr<bf16>();
+    const bf16* ap = has_add ? add->const_data_ptr<bf16>() : nullptr;
     float* op = out.data_ptr<float>();
     at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t c = 0; c < H; c += 16) {
           __m512 acc = _mm512_setzero_ps();
           for (int64_t j = 0; j < k; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(wp[t * k + j]), load16(yp + (t * k + j) * H + c), acc);
+          if (ap) acc = _mm512_add_ps(acc, load16(ap + t * H + c));  // after the routed sum, as `routed + add` would
           store16(op + t * H + c, acc);
         }
     });
@@ -275,13 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
 
 // dy: the gradient of the forward's out [R, H] when it had weights, else of y [M, H] (by slot); fp32 or bf16. x: the
 // forward's x in bf16 (its rows are gathered again rather than kept); the rest as for the forward. Returns dx (with
-// weights [R, H], each token's k slots summed in fp32, kept in fp32 or rounded to bf16 with bf16_dx; else [M, H]
+// weights [R, H], each token's k slots (and dx_add [R, H] bf16, another gradient of x) summed in fp32, kept in fp32
+// or rounded to bf16 with bf16_dx; else [M, H]
 // bf16 by row), dgate_up and ddown fp32 (zero for experts without rows), and with weights dweights [R, k] fp32 (else
 // empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& order, int64_t k, at::IntArrayRef counts,
     const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate_up, const at::Tensor& down,
-    const std::optional<at::Tensor>& weights, bool bf16_dx) {
+    const std::optional<at::Tensor>& weights, bool bf16_dx, const std::optional<at::Tensor>& dx_add) {
   const int64_t H = dy.size(1), I = down.size(2);
   check_weights(gate_up, down, counts.size(), H);
   const Layout L(order, k, counts);
@@ -311,14 +320,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
                                                           dgate_up.data_ptr<float>(), ddown.data_ptr<float>(),
                                                           dw.data_ptr<float>()); }));
   if (!w.defined()) return {dxs, dgate_up, ddown, dw};
+  const bool has_add = dx_add.has_value() && dx_add->defined();
+  TORCH_CHECK(!has_add || (dx_add->scalar_type() == at::kBFloat16 && dx_add->is_contiguous() && dx_add->dim() == 2 &&
+                           dx_add->size(0) == R && dx_add->size(1) == H),
+              "experts_backward: dx_add must be bf16 [R, H] (contiguous)");
   at::Tensor dx = at::empty({R, H}, dy.options().dtype(bf16_dx ? at::kBFloat16 : at::kFloat));
   const bf16* sp = dxs.const_data_ptr<bf16>();
+  const bf16* ap = has_add ? dx_add->const_data_ptr<bf16>() : nullptr;
   auto ksum = [&](auto* dp) {
     at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t c = 0; c < H; c += 16) {
           __m512 acc = load16(sp + t * k * H + c);
           for (int64_t j = 1; j < k; ++j) acc = _mm512_add_ps(acc, load16(sp + (t * k + j) * H + c));
+          if (ap) acc = _mm512_add_ps(acc, load16(ap + t * H + c));
           store16(dp + t * H + c, acc);
         }
     });
@@ -331,10 +346,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
-  m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down, Tensor? weights) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("experts_forward(Tensor x, Tensor? order, int k, int[] counts, Tensor gate_up, Tensor down, Tensor? weights, "
+        "Tensor? add=None) -> (Tensor, Tensor, Tensor)");
   m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor x, Tensor h, Tensor gate_up, "
-        "Tensor down, Tensor? weights, bool bf16_dx=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor down, Tensor? weights, bool bf16_dx=False, Tensor? dx_add=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {

@@ -211,24 +211,38 @@ class _TrainMLP(torch.autograd.Function):
         xb = x.to(torch.bfloat16)
         if xb.stride(-1) != 1:  # the kernel reads rows
             xb = xb.contiguous()
-        gate_up, downb = torch.cat([gate.to(torch.bfloat16), up.to(torch.bfloat16)]), down.to(torch.bfloat16)
-        gu = F.linear(xb, gate_up)
-        a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1)
-        ctx.save_for_backward(xb, gate_up, downb, gu, a)
+        y, saved = train_mlp_forward(xb, gate, up, down)
+        ctx.save_for_backward(*saved)
         ctx.x_dtype = x.dtype
-        return F.linear(a, downb)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        xb, gate_up, downb, gu, a = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1]).to(torch.bfloat16).contiguous()
-        x2 = xb.reshape(-1, xb.shape[-1])
-        dgu = kernels.swiglu_backward(dy @ downb, gu.view(-1, gu.shape[-1]))
-        dx = (dgu @ gate_up).view(xb.shape).to(ctx.x_dtype)
-        dgate, dup = kernels.linear_weight_grad(dgu, x2).chunk(2) if any(ctx.needs_input_grad[1:3]) else (None, None)
-        ddown = kernels.linear_weight_grad(dy, a.view(-1, a.shape[-1])) if ctx.needs_input_grad[3] else None
-        return dx, dgate, dup, ddown
+        dx, dgate, dup, ddown = train_mlp_backward(dy, ctx.saved_tensors, any(ctx.needs_input_grad[1:3]),
+                                                   ctx.needs_input_grad[3])
+        return dx.view(dy.shape[:-1] + dx.shape[-1:]).to(ctx.x_dtype), dgate, dup, ddown
+
+
+def train_mlp_forward(xb, gate, up, down):
+    """_TrainMLP's forward of bf16 x (rows contiguous): (the output, bf16; what `train_mlp_backward` takes)."""
+    gate_up, downb = torch.cat([gate.to(torch.bfloat16), up.to(torch.bfloat16)]), down.to(torch.bfloat16)
+    gu = F.linear(xb, gate_up)
+    a = kernels.swiglu_forward(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1)
+    return F.linear(a, downb), (xb, gate_up, downb, gu, a)
+
+
+def train_mlp_backward(dy, saved, gate_up_grads: bool = True, down_grad: bool = True):
+    """_TrainMLP's backward from dy (the output's gradient, any float dtype, rounded to bf16 first): (dx [T, H] bf16,
+    its gate's, up's and down's fp32 weight gradients, or None where not asked for)."""
+    xb, gate_up, downb, gu, a = saved
+    dy = dy.reshape(-1, dy.shape[-1]).to(torch.bfloat16).contiguous()
+    x2 = xb.reshape(-1, xb.shape[-1])
+    dgu = kernels.swiglu_backward(dy @ downb, gu.view(-1, gu.shape[-1]))
+    dx = dgu @ gate_up
+    dgate, dup = kernels.linear_weight_grad(dgu, x2).chunk(2) if gate_up_grads else (None, None)
+    ddown = kernels.linear_weight_grad(dy, a.view(-1, a.shape[-1])) if down_grad else None
+    return dx, dgate, dup, ddown
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

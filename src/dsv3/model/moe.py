@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import MLP, linear
+from .layers import MLP, _bf16_cpu_training, linear, train_mlp_backward, train_mlp_forward
 
 
 @dataclass
@@ -191,25 +191,31 @@ class _CPUExpertsKernel(torch.autograd.Function):
     weights cast and packed once, rows gathered straight from the tokens, every product a brgemm micro-kernel, SwiGLU
     and its gradient fused. With router weights (routed tokens) it returns the weighted sum over each token's k
     experts in fp32, and its backward the router weights' gradient and each token's k slot gradients summed in
-    fp32: the [tokens, k, hidden] multiply, sum and their gradients never run as separate passes."""
+    fp32: the [tokens, k, hidden] multiply, sum and their gradients never run as separate passes. With the shared
+    experts' weights (gate, up, down: an MLP over the same tokens, run as `_TrainMLP` runs it) their bf16 output is
+    added to that sum in the same pass, and their input gradient to the k slots' sum: no separate add, cast of the
+    sum's gradient, or sum of the two input gradients."""
 
     @staticmethod
-    def forward(ctx, x, weights, order, k: int, counts: list[int], gate_up, down):
+    def forward(ctx, x, weights, order, k: int, counts: list[int], gate_up, down, s_gate=None, s_up=None, s_down=None):
         x = x.contiguous()
-        y, h, out = kernels.experts_forward(x, order, k, counts, gate_up, down, weights)
-        # the backward gathers x's rows again (bf16: CPU training's norm hands x over in bf16 already)
-        ctx.save_for_backward(order, x.to(torch.bfloat16), h, gate_up, down, weights)
+        xb = x.to(torch.bfloat16)  # the backward gathers x's rows again (CPU training's norm hands x over in bf16)
+        shared, saved_shared = (None, ()) if s_gate is None else train_mlp_forward(xb, s_gate, s_up, s_down)
+        y, h, out = kernels.experts_forward(x, order, k, counts, gate_up, down, weights, shared)
+        ctx.save_for_backward(order, xb, h, gate_up, down, weights, *saved_shared)
         ctx.k, ctx.counts, ctx.x_dtype = k, counts, x.dtype
         return out if weights is not None else y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        order, x, h, gate_up, down, weights = ctx.saved_tensors
+        order, x, h, gate_up, down, weights, *saved_shared = ctx.saved_tensors
+        dx_shared, *dshared = train_mlp_backward(dy, saved_shared) if saved_shared else (None, None, None, None)
         dx, dgate_up, ddown, dweights = kernels.experts_backward(dy.contiguous(), order, ctx.k, ctx.counts, x, h,
-                                                                 gate_up, down, weights, ctx.x_dtype == torch.bfloat16)
+                                                                 gate_up, down, weights, ctx.x_dtype == torch.bfloat16,
+                                                                 dx_shared)
         dweights = dweights if weights is not None else None
-        return dx.to(ctx.x_dtype), dweights, None, None, None, dgate_up, ddown
+        return (dx.to(ctx.x_dtype), dweights, None, None, None, dgate_up, ddown, *dshared)
 
 
 class Experts(nn.Module):
@@ -224,8 +230,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]."""
+    def folds(self, x: torch.Tensor, shared: MLP | None) -> bool:
+        """Whether forward(x, ..., shared) adds the shared experts itself (CPU bf16 training through the kernel)."""
+        gate = None if shared is None else shared.gate_proj.weight
+        return (gate is not None and not torch.compiler.is_compiling() and _cpu_bf16_training(x, self.gate_up_proj)
+                and kernels.experts_ok(x, self.gate_up_proj, self.down_proj)
+                and _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, shared: MLP | None = None):
+        """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]; + shared(x) with `shared`,
+        which only a `folds` call may pass."""
         N, k = idx.shape
         if not _few_rows(N * k, x, self.gate_up_proj):  # (else the sorted path below, with the CPU kernel)
             if torch.compiler.is_compiling() and (N * k <= 256 or not _grouped_mm_ok(x)):
@@ -240,7 +254,10 @@ class Experts(nn.Module):
         if _cpu_bf16_training(x, self.gate_up_proj):
             if kernels.experts_ok(x, self.gate_up_proj, self.down_proj):  # the weighted sum inside too
                 w = weights.float().contiguous()  # fp32 already (the router's)
-                return _CPUExpertsKernel.apply(x, w, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
+                mlp = () if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                                 shared.down_proj.weight)
+                return _CPUExpertsKernel.apply(x, w, order, k, counts.tolist(), self.gate_up_proj, self.down_proj,
+                                               *mlp)
             # the gathers and scatters inside, fused with the padding
             out = _CPUExpertsBF16.apply(x, order, k, counts.tolist(), self.gate_up_proj, self.down_proj)
         else:
@@ -291,12 +308,14 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         weights, idx, scores = self.gate(flat)
-        y = self.experts(flat, weights, idx)
+        # the kernel adds the shared experts in its own pass (not the expert-parallel wrapper's experts)
+        fold = isinstance(self.experts, Experts) and self.experts.folds(flat, self.shared_experts)
+        y = self.experts(flat, weights, idx, self.shared_experts) if fold else self.experts(flat, weights, idx)
         # x's dtype; under autocast the wider of the two (CPU training's norm hands x over in bf16, and the
         # experts' fp32 weighted sum stays fp32, as before)
         y = y.to(torch.promote_types(y.dtype, x.dtype) if torch.is_autocast_enabled(x.device.type) else x.dtype)
         y = y.view(B, T, H)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not fold:
             y = y + self.shared_experts(x)
         if stats is not None:
             stats.append(self.routing_stats(idx, scores, B, T))
