@@ -245,6 +245,42 @@ def test_experts_kernel_adds_the_shared_experts_itself(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("E,k,n_group,topk_group,sigmoid", [(32, 4, 4, 2, True), (256, 8, 8, 4, True),
+                                                             (64, 6, 8, 3, False), (64, 6, 1, 1, True)])
+def test_route_topk_chooses_the_experts_aten_does(E, k, n_group, topk_group, sigmoid):
+    """The routing kernel against the router's ATen ops: the same experts for every token (order aside); with
+    scores rounded to bf16, where groups and experts often tie, a valid choice for every token (its groups among
+    the best, its experts the best of their groups) that differs only where ATen broke a tie otherwise; best
+    first; distinct indices in range even on NaN scores."""
+    from dsv3.model.moe import Router
+
+    cfg = ModelConfig(n_routed_experts=E, num_experts_per_tok=k, n_group=n_group, topk_group=topk_group,
+                      scoring_func="sigmoid" if sigmoid else "softmax")
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(E + k)
+    logits = torch.randn(700, E, generator=g)
+    fp32, rounded = logits.sigmoid() + torch.randn(E, generator=g) * 0.1, logits.bfloat16().sigmoid().float()
+    for scores in (fp32, rounded):
+        ours = kernels.route_topk(scores, k, n_group, topk_group, sigmoid)
+        ref = router._choose(scores, sigmoid)
+        assert ours.dtype == torch.int64 and ours.shape == (700, k)
+        chosen = scores.gather(1, ours)
+        assert (chosen.diff(dim=1) <= 0).all()  # best first
+        grouped = scores.view(700, n_group, -1)
+        group_score = grouped.topk(2, -1).values.sum(-1) if sigmoid and n_group > 1 else grouped.amax(-1)
+        cut = group_score.topk(topk_group, -1).values[:, -1:]  # the last kept group's score
+        assert (group_score.gather(1, ours // (E // n_group)) >= cut).all()
+        must = (group_score > cut).repeat_interleave(E // n_group, 1).scatter(1, ours, False)  # unchosen, kept
+        assert (scores.masked_fill(~must, -1).amax(1) <= chosen[:, -1]).all()
+        differ = (ours.sort(1).values != ref.sort(1).values).any(1)
+        tie = ((group_score == cut).sum(1) > 1) | ((scores == chosen[:, -1:]).sum(1) > 1)
+        assert not differ.any() if scores is fp32 else not (differ & ~tie).any()  # (3-13% of bf16 rows differ)
+    rounded[:5] = float("nan")
+    nan = kernels.route_topk(rounded, k, n_group, topk_group, sigmoid)
+    assert ((nan >= 0) & (nan < E)).all() and (nan.sort(1).values.diff(dim=1) > 0).all()
+
+
+@needs_kernels
 @pytest.mark.parametrize("N", [1, 3, 16])
 def test_experts_with_kernel_equal_aten_path(N, monkeypatch):
     """The decode-time experts (sorted rows through grouped_gemv) against the same sorted path on ATen's

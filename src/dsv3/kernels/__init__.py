@@ -195,6 +195,19 @@ def cross_entropy_grad(logits, lse, target, scale, inplace: bool = False) -> tor
     return torch.ops.dsv3.cross_entropy_grad(logits, lse, target, scale)
 
 
+def route_topk_ok(choice: torch.Tensor, k: int, n_group: int) -> bool:
+    """Whether `route_topk` takes this choice of k experts in n_group groups: on CPU, up to 16 of each, eager."""
+    return (choice.device.type == "cpu" and k <= 16 and n_group <= 16 and not torch.compiler.is_compiling()
+            and available())
+
+
+def route_topk(choice: torch.Tensor, k: int, n_group: int, topk_group: int, top2: bool) -> torch.Tensor:
+    """DeepSeek-V3's group-limited expert choice from choice [N, E] (scores + correction bias): groups scored by the
+    sum of their two best (top2) or their best, the topk_group best groups kept, then the k best of their experts
+    -> idx [N, k] int64, best first (ties: the lower index)."""
+    return torch.ops.dsv3.route_topk(choice.float(), k, n_group, topk_group, top2)
+
+
 def experts_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `experts_forward` / `experts_backward` take these experts: CPU with AMX, fp32 or bf16 x, contiguous
     fp32 weights, hidden and expert sizes multiples of 32."""

@@ -49,6 +49,17 @@ class Router(nn.Module):
         scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias
         choice = scores if bias is None else scores + bias
+        if kernels.route_topk_ok(choice, self.top_k, self.n_group):  # one pass over each token's scores
+            idx = kernels.route_topk(choice, self.top_k, self.n_group, self.topk_group, sigmoid)
+        else:
+            idx = self._choose(choice, sigmoid)
+        weights = scores.gather(1, idx)  # the unbiased scores of the chosen experts
+        if self.cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.cfg.routed_scaling_factor, idx, scores
+
+    def _choose(self, choice: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+        """route_topk's choice in ATen ops (any device, torch.compile)."""
         if self.n_group > 1 and self.topk_group < self.n_group:
             N, E = choice.shape
             grouped = choice.view(N, self.n_group, E // self.n_group)
@@ -56,11 +67,7 @@ class Router(nn.Module):
             drop = torch.ones_like(group_scores, dtype=torch.bool)
             drop.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], False)
             choice = grouped.masked_fill(drop[..., None], float("-inf")).view(N, E)  # experts of kept groups only
-        idx = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, idx)  # the unbiased scores of the chosen experts
-        if self.cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.cfg.routed_scaling_factor, idx, scores
+        return choice.topk(self.top_k, dim=-1, sorted=False)[1]
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
