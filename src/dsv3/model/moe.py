@@ -217,8 +217,11 @@ class _CPUExpertsKernel(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         order, x, h, gate_up, down, weights, *saved_shared = ctx.saved_tensors
+        # the kernel rounds each row of dy to bf16 as it gathers it, once per slot: rounded once here instead, the
+        # k gathers per token read half the bytes (and the shared experts take the same copy)
+        dy = dy.to(torch.bfloat16).contiguous()
         dx_shared, *dshared = train_mlp_backward(dy, saved_shared) if saved_shared else (None, None, None, None)
-        dx, dgate_up, ddown, dweights = kernels.experts_backward(dy.contiguous(), order, ctx.k, ctx.counts, x, h,
+        dx, dgate_up, ddown, dweights = kernels.experts_backward(dy, order, ctx.k, ctx.counts, x, h,
                                                                  gate_up, down, weights, ctx.x_dtype == torch.bfloat16,
                                                                  dx_shared)
         dweights = dweights if weights is not None else None
