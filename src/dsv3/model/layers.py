@@ -193,10 +193,14 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, bias=False)
         self.down_proj = Linear(inter, hidden, bias=False)
 
+    def trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether training on x runs as `_TrainMLP` (CPU bf16 autocast, kernel-sized weights)."""
+        gate = self.gate_proj.weight  # its shape is down's, transposed
+        return _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-        if _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate):  # gate's shape is down's, transposed
-            return _TrainMLP.apply(x, gate, up, down)
+        if self.trains_fused(x):
+            return _TrainMLP.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

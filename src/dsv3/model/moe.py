@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import MLP, _bf16_cpu_training, linear, train_mlp_backward, train_mlp_forward
+from .layers import MLP, linear, train_mlp_backward, train_mlp_forward
 
 
 @dataclass
@@ -242,10 +242,8 @@ class Experts(nn.Module):
 
     def folds(self, x: torch.Tensor, shared: MLP | None) -> bool:
         """Whether forward(x, ..., shared) adds the shared experts itself (CPU bf16 training through the kernel)."""
-        gate = None if shared is None else shared.gate_proj.weight
-        return (gate is not None and not torch.compiler.is_compiling() and _cpu_bf16_training(x, self.gate_up_proj)
-                and kernels.experts_ok(x, self.gate_up_proj, self.down_proj)
-                and _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate))
+        return (shared is not None and not torch.compiler.is_compiling() and _cpu_bf16_training(x, self.gate_up_proj)
+                and kernels.experts_ok(x, self.gate_up_proj, self.down_proj) and shared.trains_fused(x))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, shared: MLP | None = None):
         """x [N, H]; weights, idx [N, k] -> sum_k weights * expert_idx(x), [N, H]; + shared(x) with `shared`,
