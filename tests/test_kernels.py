@@ -92,6 +92,17 @@ def test_linear_weight_grad_is_the_fp32_product(T, N, K):
         kernels.linear_weight_grad(dy[:, :16].contiguous(), x)
 
 
+def _train_once(module, x, dy):
+    """module(x) under CPU bf16 autocast, backward with dy as the output's gradient: (output, x's gradient, the
+    parameters' gradients)."""
+    module.zero_grad()
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad, [p.grad.clone() for p in module.parameters()]
+
+
 @needs_kernels
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,19 +197,11 @@ def test_training_mlp_runs_gate_and_up_as_one_product(dtype, monkeypatch):
     fused = layers._TrainMLP.apply
     monkeypatch.setattr(layers._TrainMLP, "apply", lambda *a: calls.append(1) or fused(*a))
 
-    def run():
-        mlp.zero_grad()
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = mlp(x)
-        y.backward(dy)
-        return y.detach(), x.grad, [p.grad for p in mlp.parameters()]
-
-    y, dx, grads = run()
+    y, dx, grads = _train_once(mlp, x, dy)
     assert calls == [1]
     monkeypatch.setattr(layers._TrainMLP, "apply",
                         lambda x, *w: mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
-    y_ref, dx_ref, grads_ref = run()
+    y_ref, dx_ref, grads_ref = _train_once(mlp, x, dy)
     assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
     assert dx.dtype == dtype
     torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2 ** -7, atol=2 ** -7 * dx_ref.abs().max().item())
@@ -225,18 +228,10 @@ def test_experts_kernel_adds_the_shared_experts_itself(monkeypatch):
     real = layers._TrainMLP.apply
     monkeypatch.setattr(layers._TrainMLP, "apply", lambda *a: mlp_calls.append(1) or real(*a))
 
-    def run():
-        moe.zero_grad()
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = moe(x)
-        (y.float() * dy).sum().backward()
-        return y.detach(), x.grad, [p.grad.clone() for p in moe.parameters()]
-
-    y, dx, grads = run()
+    y, dx, grads = _train_once(moe, x, dy)
     assert mlp_calls == []  # inside the experts' call
     monkeypatch.setattr(Experts, "folds", lambda *a: False)
-    y_ref, dx_ref, grads_ref = run()
+    y_ref, dx_ref, grads_ref = _train_once(moe, x, dy)
     assert mlp_calls == [1]
     assert y.dtype == torch.float32 and torch.equal(y, y_ref)
     assert len(grads) == 6 and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
