@@ -27,7 +27,7 @@ DEMO_MINUTES ?= 9
 demo: $(STAMP)
 	$(BIN)/dsv3 train --out $(DEMO_DIR) --overwrite --preset tiny --seq-len 256 --batch-size 8 --max-steps 1600 \
 		--max-minutes $(DEMO_MINUTES) --fit-budget --lr 2.5e-3 --warmup-steps 100 --weight-decay 0.01 --eval-every 500 --eval-problems 100 \
-		--save-every 500 --dtype float32 --step-weights 0.7 0.2 0.07 0.03
+		--save-every 500 --dtype auto --step-weights 0.7 0.2 0.07 0.03
 	$(BIN)/dsv3 eval --checkpoint $(DEMO_DIR) --n 1000 --show 3
 	$(BIN)/dsv3 plot $(DEMO_DIR)
 

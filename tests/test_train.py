@@ -264,6 +264,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_auto_dtype_is_bf16_where_the_kernels_run(tmp_path, monkeypatch):
+    from dsv3 import kernels
+    from dsv3.train.trainer import train_dtype
+
+    cpu = torch.device("cpu")
+    assert (train_dtype("float32", cpu), train_dtype("bfloat16", cpu)) == ("float32", "bfloat16")
+    assert train_dtype("auto", torch.device("cuda")) == "bfloat16"
+    for amx, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(kernels, "amx", lambda amx=amx: amx)
+        assert train_dtype("auto", cpu) == ("bfloat16" if amx else "float32")
+        assert Trainer(_args(tmp_path / str(amx), dtype="auto", device="cpu")).autocast_dtype == want
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(data=["/no/such/file.txt"]), "data path not found"),
     (dict(batch_size=4, micro_batch_size=3), "must divide"),

@@ -120,11 +120,11 @@ def attention_ok(q: torch.Tensor, v: torch.Tensor, rope: int = 0, interleave: bo
     with the last `rope` dims of q and k rotated inside: bf16 on a CPU with AMX, head dims multiples of 16
     (rope dims of 32 when not interleaved)."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and (q.shape[-1] - rope) % 16 == 0
-            and rope % (16 if interleave else 32) == 0 and v.shape[-1] % 16 == 0 and _amx())
+            and rope % (16 if interleave else 32) == 0 and v.shape[-1] % 16 == 0 and amx())
 
 
-def _amx() -> bool:
-    """Whether the kernels are loaded and oneDNN's brgemm runs bf16 here (AMX)."""
+def amx() -> bool:
+    """Whether the kernels are loaded and oneDNN's brgemm runs bf16 here (AMX): bf16 training's kernels run."""
     if not available():
         return False
     if "amx" not in _state:
@@ -213,7 +213,7 @@ def experts_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bo
     fp32 weights, hidden and expert sizes multiples of 32."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and gate_up.dtype == torch.float32
             and down.dtype == torch.float32 and gate_up.is_contiguous() and down.is_contiguous()
-            and x.shape[-1] % 32 == 0 and down.shape[-1] % 32 == 0 and _amx())
+            and x.shape[-1] % 32 == 0 and down.shape[-1] % 32 == 0 and amx())
 
 
 def experts_forward(x, order, k: int, counts: list[int], gate_up, down, weights=None, add=None):
@@ -237,7 +237,7 @@ def experts_backward(dy, order, k: int, counts: list[int], x, h, gate_up, down, 
 def linear_weight_grad_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_weight_grad` can give the gradient of weight [N, K] in a product with x [.., K]: on a CPU
     with AMX, N and K multiples of 32."""
-    return x.device.type == "cpu" and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0 and _amx()
+    return x.device.type == "cpu" and weight.shape[0] % 32 == 0 and weight.shape[1] % 32 == 0 and amx()
 
 
 def linear_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ def _add_train(sub) -> None:
         "balance_alpha": (float, "sequence-wise balance loss weight (0 disables)"),
         "bias_gamma": (float, "auxiliary-loss-free bias update speed (0 disables)"),
         "bias_gamma_off": (float, "fraction of max-steps after which the bias freezes"),
-        "dtype": (str, "bfloat16 (autocast over fp32 master weights) or float32 (exact)"),
+        "dtype": (str, "bfloat16 (autocast over fp32 master weights), float32 (exact) or auto (bfloat16 on "
+                  "GPUs and on CPUs with AMX, where the bf16 kernels run; else float32)"),
         "seed": (int, "random seed"),
         "eval_every": (int, "evaluate every N steps (0: only at the end)"),
         "eval_problems": (int, "held-out math problems per evaluation"),
