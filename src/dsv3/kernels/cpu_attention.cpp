@@ -36,11 +36,13 @@ namespace cpublas = at::native::cpublas;
 
 constexpr int64_t kB = 64;        // queries per block and keys per score tile
 constexpr int64_t kChunk = 512;   // keys per softmax pass: a block's scores (64 x 512 fp32) stay in L2
+constexpr int64_t kAhead = 16;    // rows of [B, T, H, D] tensors prefetched ahead of a row loop (see prefetch)
 
 // dst[n * ldd + d] = src[d * lds + n] (rounded to T) for n < rows (src holds whole 16-column groups), D % 16 == 0
 template <typename T>
 void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, T* dst, int64_t ldd) {
-  for (int64_t n = 0; n < rows; n += 16)
+  for (int64_t n = 0; n < rows; n += 16) {
+    for (int64_t j = n + 16; j < std::min(rows, n + 32); ++j) prefetch(dst + j * ldd, D * sizeof(T));
     for (int64_t d = 0; d < D; d += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(src + (d + i) * lds + n));
@@ -48,6 +50,7 @@ void store_transposed(const float* src, int64_t lds, int64_t rows, int64_t D, T*
       for (int64_t j = 0; j < std::min<int64_t>(16, rows - n); ++j)
         store16(dst + (n + j) * ldd + d, _mm512_castsi512_ps(r[j]));
     }
+  }
 }
 
 // Rotary embedding of the last `dim` dims of q and k, applied by the kernels (dim 0: none), so that the model
@@ -97,6 +100,10 @@ void load_rows(const bf16* src, int64_t lds, const bf16* pe, int64_t ldpe, const
   const int64_t Dn = D - rope.dim;
   alignas(64) float x[kMaxRope];
   for (int64_t i = 0; i < T; ++i) {
+    if (i + kAhead < T) {
+      prefetch(src + (i + kAhead) * lds, Dn * sizeof(bf16));
+      if (rope.dim) prefetch(pe + (i + kAhead) * ldpe, rope.dim * sizeof(bf16));
+    }
     std::memcpy(dst + i * ldd, src + i * lds, Dn * sizeof(bf16));
     if (rope.dim == 0) continue;
     for (int64_t e = 0; e < rope.dim; e += 16) store16(x + e, load16(pe + i * ldpe + e));
@@ -188,6 +195,7 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
   for (int64_t qb = 0; qb < nqb; ++qb) {
     const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
     const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
+    for (int64_t i = 0; i < rows; ++i) prefetch(out + (m0 + i) * ldo, Dv * sizeof(bf16));  // written at the end
     std::fill(M, M + kB, -INFINITY);
     std::fill(L, L + kB, 0.f);
     bool started = false;  // O holds the products of earlier chunks
@@ -283,6 +291,7 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   transpose(GOr, ldga, Tqp, Dv, GOt, ldt);
   for (int64_t i = 0; i < Tqp; ++i) {
     __m512 acc = _mm512_setzero_ps();
+    if (i + kAhead < Tq) prefetch(o + (i + kAhead) * ldo, Dv * sizeof(bf16));
     if (i < Tq)
       for (int64_t d = 0; d < Dv; d += 16) acc = _mm512_fmadd_ps(load16(GOr + i * ldga + d), load16(o + i * ldo + d), acc);
     Dd[i] = _mm512_reduce_add_ps(acc) * scale;
@@ -304,6 +313,7 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
     for (int64_t qb = qb0; qb < qb1; ++qb) {
       const int64_t m0 = qb * kB, rows = std::min(kB, Tq - m0);
       const auto [lo, hi] = key_range(m0, rows, Tk, causal, mask);
+      for (int64_t i = 0; i < rows; ++i) prefetch(dq + (m0 + i) * lddq, Dq * sizeof(bf16));  // written at the end
       const int64_t t0 = lo / kB, t1 = (hi + kB - 1) / kB;
       for (int64_t t = t0; t < t1; ++t) {
         if (first[t] < nqb)  // blocks this key tile skipped since its first (only with masks): zeros in its products
