@@ -434,21 +434,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
+  for_each_item(B * H, [&](int64_t bh, Scratch& scratch) {
+    const int64_t bi = bh / H, hi = bh % H;
+    auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
+    Mask m;
+    if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
     RopeArgs r = ra;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bi = bh / H, hi = bh % H;
-      auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
-      Mask m;
-      if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
-      r.for_batch(bi);
-      forward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, m,
-                   is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
-                   out.data_ptr<bf16>() + bi * out.stride(0) + hi * out.stride(1), out.stride(2),
-                   lse.data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1), lse.stride(2), scratch);
-    }
-    cpublas::brgemm_release(true);
+    r.for_batch(bi);
+    forward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, m,
+                 is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
+                 out.data_ptr<bf16>() + bi * out.stride(0) + hi * out.stride(1), out.stride(2),
+                 lse.data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1), lse.stride(2), scratch);
   });
   return {out, lse};
 }
@@ -468,24 +464,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor dq = at::empty_like(q), dkv = at::empty({B, Tk, H, Dk + Dv}, k.options());
   at::Tensor dk_pe = at::empty({Dr ? B : 0, Tk, H, Dr}, q.options().dtype(at::kFloat));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
+  for_each_item(B * H, [&](int64_t bh, Scratch& scratch) {
+    const int64_t bi = bh / H, hi = bh % H;
+    auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
+    bf16* dk = dkv.data_ptr<bf16>() + bi * dkv.stride(0) + hi * dkv.stride(2);
+    Mask m;
+    if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
     RopeArgs r = ra;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t bi = bh / H, hi = bh % H;
-      auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
-      bf16* dk = dkv.data_ptr<bf16>() + bi * dkv.stride(0) + hi * dkv.stride(2);
-      Mask m;
-      if (mask.defined()) m = {mask.const_data_ptr<bool>() + bi * mask.stride(0) + hi * mask.stride(1), mask.stride(2)};
-      r.for_batch(bi);
-      if (Dr) r.rope.dk_pe = dk_pe.data_ptr<float>() + bi * dk_pe.stride(0) + hi * dk_pe.stride(2), r.rope.ld_dkpe = dk_pe.stride(1);
-      backward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, at4(out), out.stride(2),
-                    at4(grad_out), grad_out.stride(2), lse.const_data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1),
-                    lse.stride(2), m, is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
-                    dq.data_ptr<bf16>() + bi * dq.stride(0) + hi * dq.stride(1), dq.stride(2), dk, dkv.stride(1),
-                    dk + Dk, dkv.stride(1), scratch);
-    }
-    cpublas::brgemm_release(true);
+    r.for_batch(bi);
+    if (Dr) r.rope.dk_pe = dk_pe.data_ptr<float>() + bi * dk_pe.stride(0) + hi * dk_pe.stride(2), r.rope.ld_dkpe = dk_pe.stride(1);
+    backward_head(at4(q), q.stride(2), at4(k), k.stride(2), at4(v), v.stride(2), r.rope, at4(out), out.stride(2),
+                  at4(grad_out), grad_out.stride(2), lse.const_data_ptr<float>() + bi * lse.stride(0) + hi * lse.stride(1),
+                  lse.stride(2), m, is_causal && !mask.defined(), Tq, Tk, Dq, Dv, float(scale),
+                  dq.data_ptr<bf16>() + bi * dq.stride(0) + hi * dq.stride(1), dq.stride(2), dk, dkv.stride(1),
+                  dk + Dk, dkv.stride(1), scratch);
   });
   return {dq, dkv, dk_pe};
 }

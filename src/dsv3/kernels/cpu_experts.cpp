@@ -27,7 +27,6 @@
 #include "vec.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -77,13 +76,7 @@ struct Layout {
 // Run fn(e, scratch) for every expert with rows, each thread taking the next largest expert not yet started
 template <typename F>
 void for_each_expert(const Layout& L, F fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t n = L.by_size.size();
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
-    Scratch scratch;
-    for (int64_t j; (j = next.fetch_add(1)) < n;) fn(L.by_size[j], scratch);
-    cpublas::brgemm_release(true);
-  });
+  for_each_item(L.by_size.size(), [&](int64_t j, Scratch& scratch) { fn(L.by_size[j], scratch); });
 }
 
 // dst [kR, D] bf16 (ld ldd) <- rows src_row(0 .. rows-1) of src (ld D), zero rows after

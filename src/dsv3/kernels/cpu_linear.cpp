@@ -19,7 +19,6 @@
 #include "vec.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -78,30 +77,25 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   // the first share's sums go straight to out, the others' here (every element written before it is read)
   at::Tensor rest = at::empty({(split - 1) * N * K}, out.options());
   float* partial = rest.data_ptr<float>();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nt, tiles * split), 1, [&](int64_t, int64_t) {
-    Scratch scratch;
+  for_each_item(tiles * split, [&](int64_t item, Scratch& scratch) {
     const auto s = carve(scratch, {rb * ld_a(kT) * 2, rb * ldc * 4, Xv ? 0 : kT * ldv * 2});
     bf16* A = (bf16*)s[0];
     float* C = (float*)s[1];
-    for (int64_t item; (item = next.fetch_add(1)) < tiles * split;) {
-      const int64_t tile = item / split, part = item % split;
-      const int64_t n0 = tile / cblocks * rb, nr = std::min(rb, N - n0);
-      const int64_t k0 = tile % cblocks * cb, kw = std::min(cb, K - k0);
-      const int64_t t0 = chunks * part / split * kT, t1 = std::min(Tp, chunks * (part + 1) / split * kT);
-      for (int64_t tc = t0; tc < t1; tc += kT) {
-        const int64_t kc = std::min(kT, t1 - tc);
-        transpose(dyp + tc * ldy + n0, ldy, std::min(kc, T - tc), nr, A, ld_a(kT));
-        const bf16* B = Xv ? Xv + tc * ldv + 2 * k0 : (bf16*)s[2];
-        if (!Xv) pack_pairs(xp + k0, ldx, T, tc / 2, (tc + kc) / 2, kw, (bf16*)s[2], ldv);
-        for (int64_t m0 = 0; m0 < nr; m0 += kM)
-          cpublas::brgemm(std::min(kM, nr - m0), kw, kc, ld_a(kT), ldv, ldc, tc > t0, A + m0 * ld_a(kT), B,
-                          C + m0 * ldc, true);
-      }
-      float* dst = part == 0 ? op : partial + (part - 1) * N * K;
-      for (int64_t i = 0; i < nr; ++i) std::memcpy(dst + (n0 + i) * K + k0, C + i * ldc, kw * 4);
+    const int64_t tile = item / split, part = item % split;
+    const int64_t n0 = tile / cblocks * rb, nr = std::min(rb, N - n0);
+    const int64_t k0 = tile % cblocks * cb, kw = std::min(cb, K - k0);
+    const int64_t t0 = chunks * part / split * kT, t1 = std::min(Tp, chunks * (part + 1) / split * kT);
+    for (int64_t tc = t0; tc < t1; tc += kT) {
+      const int64_t kc = std::min(kT, t1 - tc);
+      transpose(dyp + tc * ldy + n0, ldy, std::min(kc, T - tc), nr, A, ld_a(kT));
+      const bf16* B = Xv ? Xv + tc * ldv + 2 * k0 : (bf16*)s[2];
+      if (!Xv) pack_pairs(xp + k0, ldx, T, tc / 2, (tc + kc) / 2, kw, (bf16*)s[2], ldv);
+      for (int64_t m0 = 0; m0 < nr; m0 += kM)
+        cpublas::brgemm(std::min(kM, nr - m0), kw, kc, ld_a(kT), ldv, ldc, tc > t0, A + m0 * ld_a(kT), B,
+                        C + m0 * ldc, true);
     }
-    cpublas::brgemm_release(true);
+    float* dst = part == 0 ? op : partial + (part - 1) * N * K;
+    for (int64_t i = 0; i < nr; ++i) std::memcpy(dst + (n0 + i) * K + k0, C + i * ldc, kw * 4);
   });
   if (split > 1)
     at::parallel_for(0, N * K / 16, 256, [&](int64_t b, int64_t e) {

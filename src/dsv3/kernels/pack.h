@@ -3,8 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -32,6 +36,19 @@ struct Scratch {
   std::unique_ptr<char[]> data;
   int64_t size = 0;
 };
+
+// Run fn(i, scratch) for i in [0, n), each thread taking the next item not yet started, then release brgemm's AMX
+// state. A static split left one of the dev VM's two vCPUs waiting whenever the other ran slower (attention heads:
+// the median forward 1.04x, backward 1.07x faster taken one at a time).
+template <typename F>
+void for_each_item(int64_t n, F fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n), 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i, scratch);
+    at::native::cpublas::brgemm_release(true);
+  });
+}
 
 // 64-byte aligned arrays of the given sizes in bytes, carved one after another out of buf
 inline std::vector<char*> carve(Scratch& buf, std::initializer_list<int64_t> bytes) {
