@@ -227,8 +227,10 @@ def _losses(run_dir):
     return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_short_run_learns_and_logs_metrics(tmp_path):
-    res = Trainer(_args(tmp_path, max_steps=25, lr=5e-3, eval_every=25)).run()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: `make demo`'s path on a CPU with AMX
+def test_short_run_learns_and_logs_metrics(tmp_path, dtype):
+    res = Trainer(_args(tmp_path, max_steps=25, lr=5e-3, eval_every=25, dtype=dtype)).run()
+    assert res["dtype"] == dtype
     run = tmp_path / "run"
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 25
