@@ -266,7 +266,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
         self.step = 0
         self.schedule = 0.0  # where the LR / MTP / bias schedules stand, in steps (see _schedule_position)
-        self.autocast_dtype = torch.bfloat16 if train_dtype(args.dtype, self.device) == "bfloat16" else None
+        self.dtype = train_dtype(args.dtype, self.device)  # "auto" resolved
+        self.autocast_dtype = torch.bfloat16 if self.dtype == "bfloat16" else None
         peak_dtype = torch.bfloat16 if self.autocast_dtype else torch.float32
         self.peak_meter = PeakMeter(peak_dtype, self.device, self.world)
         self.flops_tok = flops_per_token(cfg, args.seq_len)
@@ -523,7 +524,7 @@ class Trainer:
         old = signal.signal(signal.SIGTERM, on_sigterm) if self.par is None else None
         say = tqdm.write if self.is_main else (lambda msg: None)
         bar = tqdm(total=end, initial=self.step, disable=not (a.progress and self.is_main),
-                   desc=f"train ({'bf16' if self.autocast_dtype else 'fp32'})",
+                   desc=f"train ({self.dtype})",
                    unit="step", dynamic_ncols=True)
         try:
             while self.step < end:
@@ -568,7 +569,7 @@ class Trainer:
             lg.close() if kind == "tb" else lg.finish()
         if interrupted:
             raise KeyboardInterrupt
-        return {"step": self.step, "checkpoint": str(ckpt), "dtype": "bfloat16" if self.autocast_dtype else "float32",
+        return {"step": self.step, "checkpoint": str(ckpt), "dtype": self.dtype,
                 **{k: v for k, v in last_rec.items() if k.startswith("eval") or k == "loss"}}
 
 
