@@ -9,10 +9,9 @@
 //
 // The loops are ordered around a cost of ATen's brgemm: a call with another shape than the thread's previous
 // one reloads the AMX tile configuration, ~450-900 cycles on the dev VM, as much as a 64 x 64 x 64 product
-// itself. So the 64 x 64 score tiles of a query block are computed back to back, the softmax runs over the
-// whole block of up to 512 keys (no running rescale per tile), and P V, dQ, dK and dV are single products
-// that contract over all the block's keys or queries (alone, brgemm runs 64 x 64 x 256 at ~2x the FLOP/s of
-// 64 x 64 x 64).
+// itself. So a query block's scores (and dP) against up to 512 keys are one product, the softmax runs over the
+// whole block (no running rescale per tile), and P V, dQ, dK and dV are single products that contract over all
+// the block's keys or queries (alone, brgemm runs 64 x 64 x 256 at ~2x the FLOP/s of 64 x 64 x 64).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -168,16 +167,16 @@ std::pair<int64_t, int64_t> key_range(int64_t m0, int64_t rows, int64_t Tk, bool
 void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const Rope& rope, Mask mask,
                   bool causal, int64_t Tq, int64_t Tk, int64_t Dq, int64_t Dv, float scale, bf16* out, int64_t ldo,
                   float* lse, int64_t ldl, Scratch& scratch) {
-  const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB, nkb = Tkp / kB;
+  const int64_t Tqp = round_up(Tq, kB), Tkp = round_up(Tk, kB), nqb = Tqp / kB;
   const int64_t kc = std::min(Tkp, kChunk);
   // leading dims padded past powers of two (pack.h): ~1.7x the brgemm speed
-  const int64_t ldqa = ld_a(Dq), ldkt = ld_b(kB), ldvp = ld_b(Dv), lds = ld_c(kc), ldp = ld_a(kc), ldoc = ld_c(Dv);
-  const auto s = carve(scratch, {Tqp * ldqa * 2, Tkp * Dq * 2, Tkp * Dv * 2, nkb * Dq * ldkt * 2, Tkp * ldvp * 2,
+  const int64_t ldqa = ld_a(Dq), ldkt = ld_b(Tkp), ldvp = ld_b(Dv), lds = ld_c(kc), ldp = ld_a(kc), ldoc = ld_c(Dv);
+  const auto s = carve(scratch, {Tqp * ldqa * 2, Tkp * Dq * 2, Tkp * Dv * 2, Dq * ldkt * 2, Tkp * ldvp * 2,
                                  kB * ldp * 2, kB * lds * 4, kB * ldoc * 4, kB * 4, kB * 4});
   bf16* Qr = (bf16*)s[0];   // [Tqp, Dq] queries, zero rows past Tq (A of S)
   bf16* Kr = (bf16*)s[1];   // [Tkp, Dq] keys, zero rows past Tk
   bf16* Vr = (bf16*)s[2];   // [Tkp, Dv] values
-  bf16* KTp = (bf16*)s[3];  // per key tile: VNNI of K^T [Dq, kB] (B of S)
+  bf16* KTp = (bf16*)s[3];  // VNNI of K^T [Dq, Tkp] (B of S)
   bf16* Vp = (bf16*)s[4];   // VNNI of V [Tkp, Dv] (B of P V)
   bf16* P = (bf16*)s[5];    // [kB, kc] bf16 (A of P V)
   float* S = (float*)s[6];  // [kB, kc] scores
@@ -188,7 +187,7 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
   load_rows(q, ldq, q + Dq - rope.dim, ldq, rope, Tq, Tqp, Dq, Qr, ldqa);
   load_rows(k, ldk, rope.k_pe, rope.ld_kpe, rope, Tk, Tkp, Dq, Kr, Dq);
   load_rows(v, ldv, nullptr, 0, Rope{}, Tk, Tkp, Dv, Vr, Dv);
-  for (int64_t t = 0; t < nkb; ++t) pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * Dq * ldkt, ldkt);
+  pack_transposed(Kr, Dq, Tkp, Dq, KTp, ldkt);
   pack_rows(Vr, Dv, Tkp, Dv, Vp, ldvp);
   const float scale2 = scale * float(M_LOG2E);  // exponents in base 2: one multiply less per score
   const __m512 vs2 = _mm512_set1_ps(scale2), ninf = _mm512_set1_ps(-INFINITY);
@@ -201,8 +200,7 @@ void forward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const 
     bool started = false;  // O holds the products of earlier chunks
     for (int64_t c0 = lo / kB * kB; c0 < hi; c0 += kc) {
       const int64_t w = std::min(round_up(hi, kB), c0 + kc) - c0;
-      for (int64_t n = 0; n < w; n += kB)
-        cpublas::brgemm(kB, kB, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + (c0 + n) / kB * Dq * ldkt, S + n, true);
+      cpublas::brgemm(kB, w, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + 2 * c0, S, true);  // S = Q K^T
       for (int64_t i = 0; i < kB; ++i) {
         const float* srow = S + i * lds;
         __m512 mx = ninf;
@@ -257,10 +255,10 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   // queries per chunk: its P and dS columns (2 x qc x Tkp bf16) ~1 MB, to stay in L2
   const int64_t qc = std::clamp<int64_t>((int64_t(1) << 18) / Tkp / kB * kB, kB, 8 * kB), nqc = qc / kB;
   // leading dims padded past powers of two (pack.h), for brgemm and for walking down columns
-  const int64_t ldqa = ld_a(Dq), ldga = ld_a(Dv), ldt = ld_a(Tqp), ldkt = ld_b(kB), ldkp = ld_b(Dq), ldpc = ld_b(kB),
+  const int64_t ldqa = ld_a(Dq), ldga = ld_a(Dv), ldt = ld_a(Tqp), ldkt = ld_b(Tkp), ldkp = ld_b(Dq), ldpc = ld_b(kB),
                 ldsr = ld_a(Tkp), lds = ld_c(kc), ldg = ld_c(Tkp);
   const auto s = carve(scratch, {Tqp * ldqa * 2, Tqp * ldga * 2, Dq * ldt * 2, Dv * ldt * 2, Tkp * Dq * 2,
-                                 Tkp * Dv * 2, nkb * Dq * ldkt * 2, nkb * Dv * ldkt * 2, Tkp * ldkp * 2,
+                                 Tkp * Dv * 2, Dq * ldkt * 2, Dv * ldkt * 2, Tkp * ldkp * 2,
                                  nkb * qc * ldpc * 2, nkb * qc * ldpc * 2, kB * ldsr * 2, (Dq + Dv) * ldg * 4,
                                  kB * Dq * 4, kB * lds * 4, kB * lds * 4, Tqp * 4, Tqp * 4});
   bf16* Qr = (bf16*)s[0];     // [Tqp, Dq] queries, zero rows past Tq (A of S)
@@ -269,8 +267,8 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   bf16* GOt = (bf16*)s[3];    // [Dv, Tqp] dO^T (A of dV^T)
   bf16* Kr = (bf16*)s[4];     // [Tkp, Dq] keys, zero rows past Tk
   bf16* Vr = (bf16*)s[5];     // [Tkp, Dv] values
-  bf16* KTp = (bf16*)s[6];    // per key tile: VNNI of K^T [Dq, kB] (B of S)
-  bf16* VTp = (bf16*)s[7];    // per key tile: VNNI of V^T [Dv, kB] (B of dP)
+  bf16* KTp = (bf16*)s[6];    // VNNI of K^T [Dq, Tkp] (B of S)
+  bf16* VTp = (bf16*)s[7];    // VNNI of V^T [Dv, Tkp] (B of dP)
   bf16* Kp = (bf16*)s[8];     // VNNI of K [Tkp, Dq] (B of dQ)
   bf16* Pc = (bf16*)s[9];     // per key tile: VNNI of P [qc, kB] over the chunk's queries (B of dV^T)
   bf16* dSc = (bf16*)s[10];   // the same for dS (B of dK^T)
@@ -297,10 +295,8 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
     Dd[i] = _mm512_reduce_add_ps(acc) * scale;
     L[i] = i < Tq ? lse[i * ldl] * float(M_LOG2E) : INFINITY;  // base 2; padded rows: P = 0
   }
-  for (int64_t t = 0; t < nkb; ++t) {
-    pack_transposed(Kr + t * kB * Dq, Dq, kB, Dq, KTp + t * Dq * ldkt, ldkt);
-    pack_transposed(Vr + t * kB * Dv, Dv, kB, Dv, VTp + t * Dv * ldkt, ldkt);
-  }
+  pack_transposed(Kr, Dq, Tkp, Dq, KTp, ldkt);
+  pack_transposed(Vr, Dv, Tkp, Dv, VTp, ldkt);
   pack_rows(Kr, Dq, Tkp, Dq, Kp, ldkp);
   std::fill(dKt, dKt + (Dq + Dv) * ldg, 0.f);
   std::vector<int64_t> first(nkb), last(nkb);  // the chunk's query blocks that saw key tile t: [first, last]
@@ -325,10 +321,8 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
       }
       for (int64_t c0 = t0 * kB; c0 < t1 * kB; c0 += kc) {
         const int64_t w = std::min(t1 * kB, c0 + kc) - c0;
-        for (int64_t n = 0; n < w; n += kB)  // S = Q K^T
-          cpublas::brgemm(kB, kB, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + (c0 + n) / kB * Dq * ldkt, S + n, true);
-        for (int64_t n = 0; n < w; n += kB)  // dP = dO V^T
-          cpublas::brgemm(kB, kB, Dv, ldga, ldkt, lds, false, GOr + m0 * ldga, VTp + (c0 + n) / kB * Dv * ldkt, dP + n, true);
+        cpublas::brgemm(kB, w, Dq, ldqa, ldkt, lds, false, Qr + m0 * ldqa, KTp + 2 * c0, S, true);    // S = Q K^T
+        cpublas::brgemm(kB, w, Dv, ldga, ldkt, lds, false, GOr + m0 * ldga, VTp + 2 * c0, dP, true);  // dP = dO V^T
         for (int64_t i = 0; i < kB; i += 2) {
           for (int64_t c = 0; c < w; c += 16) {
             __m256i p2[2], ds2[2];
