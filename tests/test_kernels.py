@@ -514,6 +514,27 @@ def test_rms_norm_kernel_bf16_output_and_gradient(dtype):
         assert torch.equal(got, ref)
 
 
+@needs_kernels
+def test_rms_norm_backward_same_for_any_thread_count():
+    """The weight gradient's partial sums go by blocks of rows, not by thread: 1 and 2 threads give the same bits
+    (and rows past the last full block count)."""
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(1000, 128, generator=g), torch.randn(1000, 128, generator=g)
+    w = torch.rand(128, generator=g) + 0.5
+    _, rstd = kernels.rms_norm_forward(x, w, 1e-6)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(kernels.rms_norm_backward(dy, x, w, rstd))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    n = x * rstd[:, None]
+    torch.testing.assert_close(runs[0][1], (dy * n).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def _bf16_train_step(model, ids):
     """Loss (main + first MTP depth) and gradients of one bf16-autocast training step on ids [B, T]."""
     model.zero_grad()

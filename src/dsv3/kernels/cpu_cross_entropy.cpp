@@ -50,7 +50,7 @@ at::Tensor cross_entropy_lse(const at::Tensor& logits) {
   const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
   float* out = lse.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  for_each_block(N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       out[i] = logits.scalar_type() == at::kFloat ? row_lse(logits.const_data_ptr<float>() + i * ld, V)
                                                   : row_lse(logits.const_data_ptr<bf16>() + i * ld, V);
@@ -70,7 +70,7 @@ void grad_into(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor
   const auto tc = target.contiguous(), sc = scale.contiguous(), lc = lse.contiguous();
   const int64_t* t = tc.const_data_ptr<int64_t>();
   const float *s = sc.const_data_ptr<float>(), *l = lc.const_data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  for_each_block(N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (logits.scalar_type() == at::kFloat)
         row_grad(logits.const_data_ptr<float>() + i * ld, V, l[i], t[i], s[i], dx.data_ptr<float>() + i * ldx);

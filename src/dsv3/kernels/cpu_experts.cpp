@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
     const bf16* yp = y.const_data_ptr<bf16>();
     const bf16* ap = has_add ? add->const_data_ptr<bf16>() : nullptr;
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for_each_block(R, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t c = 0; c < H; c += 16) {
           __m512 acc = _mm512_setzero_ps();
@@ -321,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   const bf16* sp = dxs.const_data_ptr<bf16>();
   const bf16* ap = has_add ? dx_add->const_data_ptr<bf16>() : nullptr;
   auto ksum = [&](auto* dp) {
-    at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for_each_block(R, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t c = 0; c < H; c += 16) {
           __m512 acc = load16(sp + t * k * H + c);
@@ -367,7 +367,7 @@ at::Tensor route_topk(const at::Tensor& choice, int64_t k, int64_t n_group, int6
   at::Tensor idx = at::empty({N, k}, choice.options().dtype(at::kLong));
   const float* cp = choice.const_data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+  for_each_block(N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + t * ld;
       bool keep[16];

@@ -72,7 +72,7 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   Scratch xbuf;
   bf16* Xv = rblocks > 1 ? (bf16*)carve(xbuf, {Tp * ldv * 2})[0] : nullptr;
   if (Xv)
-    at::parallel_for(0, Tp / 2, 64,
+    for_each_block(Tp / 2, 64,
                      [&](int64_t b, int64_t e) { pack_pairs(xp, ldx, T, b, e, K, Xv + 2 * b * ldv, ldv); });
   // the first share's sums go straight to out, the others' here (every element written before it is read)
   at::Tensor rest = at::empty({(split - 1) * N * K}, out.options());
@@ -98,7 +98,7 @@ at::Tensor linear_weight_grad(const at::Tensor& dy, const at::Tensor& x) {
     for (int64_t i = 0; i < nr; ++i) std::memcpy(dst + (n0 + i) * K + k0, C + i * ldc, kw * 4);
   });
   if (split > 1)
-    at::parallel_for(0, N * K / 16, 256, [&](int64_t b, int64_t e) {
+    for_each_block(N * K / 16, 256, [&](int64_t b, int64_t e) {
       for (int64_t i = 16 * b; i < 16 * e; i += 16) {
         __m512 acc = _mm512_loadu_ps(op + i);
         for (int64_t p = 0; p + 1 < split; ++p) acc = _mm512_add_ps(acc, _mm512_loadu_ps(partial + p * N * K + i));
@@ -118,7 +118,7 @@ at::Tensor swiglu_forward(const at::Tensor& gu) {
   at::Tensor a = at::empty({T, I}, gu.options());
   const bf16* g = gu.const_data_ptr<bf16>();
   bf16* ap = a.data_ptr<bf16>();
-  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+  for_each_block(T, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int64_t d = 0; d < I; d += 16) {
         const __m512 gv = load16(g + t * 2 * I + d), u = load16(g + t * 2 * I + I + d);
@@ -141,7 +141,7 @@ at::Tensor swiglu_backward(const at::Tensor& da, const at::Tensor& gu) {
   const bf16* g = gu.const_data_ptr<bf16>();
   const bf16* dap = da.const_data_ptr<bf16>();
   bf16* dp = dgu.data_ptr<bf16>();
-  at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+  for_each_block(T, 64, [&](int64_t b, int64_t e) {
     const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t t = b; t < e; ++t)
       for (int64_t d = 0; d < I; d += 16) {

@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
   const int64_t R = x.size(0), D = x.size(1);
   at::Tensor y = at::empty({R, D}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   at::Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
-  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+  for_each_block(R, 64, [&](int64_t begin, int64_t end) {
     auto rows = [&](auto* xp, auto* yp) {
       forward_rows(xp, x.stride(0), w.const_data_ptr<float>(), float(eps), D, begin, end, yp, rstd.data_ptr<float>());
     };
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Te
   at::Tensor s = at::empty({R, D}, h.options());
   at::Tensor y = at::empty({R, D}, h.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   at::Tensor rstd = at::empty({R}, h.options());
-  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+  for_each_block(R, 64, [&](int64_t begin, int64_t end) {
     auto rows = [&](auto* yp, auto* rp) {
       forward_rows(s.const_data_ptr<float>(), D, w.const_data_ptr<float>(), float(eps), D, begin, end, yp,
                    rstd.data_ptr<float>(), h.const_data_ptr<float>(), rp);
@@ -124,9 +124,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Te
   return {s, y, rstd};
 }
 
+constexpr int64_t kRows = 256;  // rows per block of the backward: one partial sum of dw each
+
 // -> dx [R, D] in x's dtype (plus dres [R, D] fp32 when given: the gradient reaching x by another way, for an fp32
-// x), dw [D] fp32 (per-thread partial sums, added in thread order: deterministic), and with bf16_copy dx rounded to
-// bf16 as well (for an fp32 x: the gradient of a bf16 residual, which autograd would otherwise cast in a pass)
+// x), dw [D] fp32 (partial sums per block of kRows rows, added in block order: the same for any number of threads),
+// and with bf16_copy dx rounded to bf16 as well (for an fp32 x: the gradient of a bf16 residual, which autograd
+// would otherwise cast in a pass)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
                                                                  const at::Tensor& w, const at::Tensor& rstd,
                                                                  const std::optional<at::Tensor>& dres, bool bf16_copy) {
@@ -142,24 +145,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
   TORCH_CHECK(!bf16_copy || x.scalar_type() == at::kFloat, "rms_norm: bf16_copy is for an fp32 x");
   at::Tensor dxb = at::empty({bf16_copy ? R : 0, D}, x.options().dtype(at::kBFloat16));
   bf16* dxbp = bf16_copy ? dxb.data_ptr<bf16>() : nullptr;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  at::Tensor partial = at::zeros({chunks, D}, w.options());
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t begin = R * c / chunks, end = R * (c + 1) / chunks;
-      float* dw = partial.data_ptr<float>() + c * D;
-      auto rows = [&](auto* gp, auto* xp, auto* dxp) {
-        backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp,
-                      dxbp);
-      };
-      const bool gf = dy.scalar_type() == at::kFloat;
-      if (x.scalar_type() == at::kFloat) {
-        if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
-        else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
-      } else {
-        if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
-        else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
-      }
+  at::Tensor partial = at::zeros({std::max<int64_t>(1, (R + kRows - 1) / kRows), D}, w.options());
+  for_each_block(R, kRows, [&](int64_t begin, int64_t end) {
+    float* dw = partial.data_ptr<float>() + begin / kRows * D;
+    auto rows = [&](auto* gp, auto* xp, auto* dxp) {
+      backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp,
+                    dxbp);
+    };
+    const bool gf = dy.scalar_type() == at::kFloat;
+    if (x.scalar_type() == at::kFloat) {
+      if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
+      else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<float>(), dx.data_ptr<float>());
+    } else {
+      if (gf) rows(dy.const_data_ptr<float>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
+      else rows(dy.const_data_ptr<bf16>(), x.const_data_ptr<bf16>(), dx.data_ptr<bf16>());
     }
   });
   return {dx, partial.sum(0), dxb};
