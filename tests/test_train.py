@@ -141,6 +141,19 @@ def test_peak_meter_rereads_on_cpu_and_keeps_the_best():
     assert gpu.refresh() == 5.0
 
 
+def test_peak_meter_takes_a_given_peak_without_reading():
+    """--peak-tflops: the denominator is the given peak per device times the processes, and nothing is measured."""
+    def no_read():
+        raise AssertionError("a given peak must not be measured")
+
+    now = [0.0]
+    meter = PeakMeter(torch.bfloat16, torch.device("cpu"), scale=4, read=no_read, clock=lambda: now[0], given=2e12)
+    now[0] = 1e6
+    assert meter.refresh() == 8e12
+    with pytest.raises(TrainError, match="--peak-tflops"):
+        TrainArgs(peak_tflops=0.0).validate()
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_cross_entropy_matches_torch(monkeypatch, dtype, kernel):

@@ -52,6 +52,8 @@ def _add_train(sub) -> None:
         "ep": (int, "expert parallelism: processes that split each MoE layer's routed experts (divides the "
                     "process count)"),
         "dist_timeout": (float, "seconds a collective waits for a peer before the job fails"),
+        "peak_tflops": (float, "the logged MFU's denominator, TFLOP/s per device (a datasheet's dense bf16 or "
+                               "fp32 peak); unset: measured with a square matmul now and then"),
     }
     for name, (typ, hlp) in flags.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=getattr(defaults, name),

@@ -84,6 +84,7 @@ class TrainArgs:
     device: str = "auto"  # one process: auto = cuda when available, else cpu (torchrun: each rank's own GPU)
     ep: int = 1  # expert-parallel degree (processes sharing one copy of the routed experts); needs torchrun
     dist_timeout: float = 900.0  # seconds a collective may wait for a peer before the job fails
+    peak_tflops: float | None = None  # MFU denominator per device (TFLOP/s); None: measured (see PeakMeter)
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -117,6 +118,8 @@ class TrainArgs:
         need(not self.device.startswith("cuda") or torch.cuda.is_available(),
              f"--device {self.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
         need(self.dist_timeout > 0, "--dist-timeout must be positive")
+        need(self.peak_tflops is None or (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)),
+             f"--peak-tflops must be positive, got {self.peak_tflops}")
         for p in self.data:
             if not p.startswith("hf:") and not Path(p).exists():
                 raise TrainError(f"data path not found: {p}")
@@ -180,15 +183,20 @@ class PeakMeter:
     low denominator would inflate the logged MFU."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, scale: int = 1, every_s: float = 60.0,
-                 read=None, clock=time.monotonic):
-        self.device, self.scale, self.every_s, self.clock = device, scale, every_s, clock
+                 read=None, clock=time.monotonic, given: float | None = None):
+        """given: the peak per device in FLOP/s (a datasheet's, or a fast-mode reading), used as it is: nothing is
+        read."""
+        self.device, self.scale, self.every_s, self.clock, self.given = device, scale, every_s, clock, given
         self.read = read or (lambda: _matmul_peak_flops.__wrapped__(dtype, device))
-        self.peak = (_matmul_peak_flops(dtype, device) if read is None else self.read()) * scale
+        if given is not None:
+            self.peak = given * scale
+        else:
+            self.peak = (_matmul_peak_flops(dtype, device) if read is None else self.read()) * scale
         self.due = clock() + every_s
 
     def refresh(self) -> float:
         """The best peak so far (FLOP/s, times `scale`), after a new reading if one is due (CPU only)."""
-        if self.device.type == "cpu" and self.clock() >= self.due:
+        if self.given is None and self.device.type == "cpu" and self.clock() >= self.due:
             self.peak = max(self.peak, self.read() * self.scale)
             self.due = self.clock() + self.every_s
         return self.peak
@@ -269,7 +277,8 @@ class Trainer:
         self.dtype = train_dtype(args.dtype, self.device)  # "auto" resolved
         self.autocast_dtype = torch.bfloat16 if self.dtype == "bfloat16" else None
         peak_dtype = torch.bfloat16 if self.autocast_dtype else torch.float32
-        self.peak_meter = PeakMeter(peak_dtype, self.device, self.world)
+        self.peak_meter = PeakMeter(peak_dtype, self.device, self.world,
+                                    given=args.peak_tflops * 1e12 if args.peak_tflops else None)
         self.flops_tok = flops_per_token(cfg, args.seq_len)
         self.best_eval: dict | None = None
         if resume_from is not None:
