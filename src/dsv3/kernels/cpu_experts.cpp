@@ -94,6 +94,14 @@ void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, 
   }
 }
 
+// dst[0, H) <- src[0, H) rounded to bf16, with streaming stores. The experts' output rows go out by token slot,
+// scattered over the whole output, and a plain store first reads each cache line it overwrites; a streaming store
+// writes whole lines without reading them (forward 1.10x, backward 1.05x at small's shapes, the same bits). dst is
+// 64-byte aligned (ATen's allocator; H % 32 == 0); the writer's sfence must come before anyone reads dst.
+inline void stream_row(const float* src, int64_t H, bf16* dst) {
+  for (int64_t d = 0; d < H; d += 16) _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(load16(src + d)));
+}
+
 inline __m512 sigmoid16(__m512 g) {
   return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
@@ -128,11 +136,9 @@ void forward_impl(const T* x, const Layout& L, const float* gate_up, const float
         }
       }
       cpublas::brgemm(kR, H, I, ld_a(I), ld_b(H), ld_c(H), false, Ab, Bd, C2, true);  // Y = A Wd^T
-      for (int64_t i = 0; i < rows; ++i) {
-        bf16* yr = y + L.slot(i0 + i) * H;
-        for (int64_t d = 0; d < H; d += 16) store16(yr + d, load16(C2 + i * ld_c(H) + d));
-      }
+      for (int64_t i = 0; i < rows; ++i) stream_row(C2 + i * ld_c(H), H, y + L.slot(i0 + i) * H);
     }
+    _mm_sfence();  // the streamed rows visible before the weighted sum reads them
   });
 }
 
@@ -188,10 +194,7 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
           if (w && i < rows) dw[slot(i)] = _mm512_reduce_add_ps(dot);
         }
         cpublas::brgemm(kR, H, I2, ld_a(I2), ld_b(H), ld_c(H), false, dHb, Bgu, dXb, true);  // dX = dH Wgu
-        for (int64_t i = 0; i < rows; ++i) {
-          bf16* dr = dx + L.slot(i0 + i) * H;
-          for (int64_t d = 0; d < H; d += 16) store16(dr + d, load16(dXb + i * ld_c(H) + d));
-        }
+        for (int64_t i = 0; i < rows; ++i) stream_row(dXb + i * ld_c(H), H, dx + L.slot(i0 + i) * H);
         transpose(dYb, ld_a(H), kR, H, dYt + j, ldT);
         transpose(dHb, ld_a(I2), kR, I2, dHt + j, ldT);
         pack_rows(Ab, I, kR, I, Av + j * ld_b(I), ld_b(I));
@@ -205,6 +208,7 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
         cpublas::brgemm(std::min(kR, I2 - m0), H, kc, ldT, ld_b(H), H, c0 > 0, dHt + m0 * ldT, Xv,
                         dgate_up + e * I2 * H + m0 * H, true);
     }
+    _mm_sfence();  // the streamed dx rows visible before the k-sum reads them
   });
 }
 
@@ -244,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
   const at::Tensor w = router_weights(weights, L, R);
   const auto bopt = x.options().dtype(at::kBFloat16);
   at::Tensor y = at::empty({L.rows(), H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0, "experts_forward: unaligned output");
   AT_DISPATCH_SWITCH(x.scalar_type(), "experts_forward",
       AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl(x.const_data_ptr<float>(), L, gate_up.const_data_ptr<float>(),
                                                       down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
@@ -296,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
               "experts_backward: x must be the forward's x, in bf16");
   TORCH_CHECK(h.is_contiguous() && h.size(0) == L.padded && h.size(1) == 2 * I, "experts_backward: h must be the forward's");
   at::Tensor dxs = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(dxs.data_ptr()) % 64 == 0, "experts_backward: unaligned output");
   at::Tensor dgate_up = at::empty_like(gate_up), ddown = at::empty_like(down);
   at::Tensor dw = at::empty({w.defined() ? R : 0, k}, dy.options().dtype(at::kFloat));
   for (size_t e = 0; e < L.count.size(); ++e)
