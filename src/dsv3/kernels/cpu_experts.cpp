@@ -149,7 +149,7 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
   const int64_t I2 = 2 * I, ldT = ld_a(kC);
   for_each_expert(L, [&](int64_t e, Scratch& scratch) {
     const auto s = carve(scratch, {H * ld_b(I) * 2, I2 * ld_b(H) * 2, kR * ld_a(H) * 2, kR * ld_a(I2) * 2, kR * I * 2,
-                                   H * ldT * 2, I2 * ldT * 2, kC * ld_b(I) * 2, kC * ld_b(H) * 2, kR * H * 2,
+                                   H * ldT * 2, I2 * ldT * 2, kC * ld_b(I) * 2, kC * ld_b(H) * 2,
                                    kR * ld_c(I) * 4, kR * ld_c(H) * 4});
     bf16* Bd = (bf16*)s[0];    // VNNI of Wd [H, I]: B of dA = dY Wd
     bf16* Bgu = (bf16*)s[1];   // VNNI of Wgu [2I, H]: B of dX = dH Wgu
@@ -160,9 +160,8 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
     bf16* dHt = (bf16*)s[6];   // dH^T of the chunk: A of dWgu
     bf16* Av = (bf16*)s[7];    // VNNI of the chunk's A rows: B of dWd
     bf16* Xv = (bf16*)s[8];    // VNNI of the chunk's X rows: B of dWgu
-    bf16* Xg = (bf16*)s[9];    // the block's X rows
-    float* dA = (float*)s[10];
-    float* dXb = (float*)s[11];
+    float* dA = (float*)s[9];
+    float* dXb = (float*)s[10];
     pack_rows(down + e * H * I, I, H, I, Bd, ld_b(I));
     pack_rows(gate_up + e * I2 * H, H, I2, H, Bgu, ld_b(H));
     const int64_t n = L.count[e], np = round_up(n, kR);
@@ -198,8 +197,15 @@ void backward_impl(const T* dy, const Layout& L, const bf16* x, const bf16* h, c
         transpose(dYb, ld_a(H), kR, H, dYt + j, ldT);
         transpose(dHb, ld_a(I2), kR, I2, dHt + j, ldT);
         pack_rows(Ab, I, kR, I, Av + j * ld_b(I), ld_b(I));
-        gather_rows(x, H, rows, [&](int64_t i) { return slot(i) / L.k; }, Xg, H);  // the block's rows again
-        pack_rows(Xg, H, kR, H, Xv + j * ld_b(H), ld_b(H));
+        for (int64_t i = 0; i < kR; i += 2) {  // the block's x rows read again, straight into VNNI pairs
+          const bf16* a = i < rows ? x + slot(i) / L.k * H : nullptr;
+          const bf16* b = i + 1 < rows ? x + slot(i + 1) / L.k * H : nullptr;
+          auto row16 = [](const bf16* r, int64_t n) {
+            return r ? _mm256_loadu_si256((const __m256i*)(r + n)) : _mm256_setzero_si256();
+          };
+          for (int64_t n = 0; n < H; n += 16)
+            _mm512_storeu_si512(Xv + (j + i) * ld_b(H) + 2 * n, interleave(row16(a, n), row16(b, n)));
+        }
       }
       for (int64_t m0 = 0; m0 < H; m0 += kR)  // dWd (+)= dY^T A
         cpublas::brgemm(std::min(kR, H - m0), I, kc, ldT, ld_b(I), I, c0 > 0, dYt + m0 * ldT, Av, ddown + e * H * I + m0 * I,
