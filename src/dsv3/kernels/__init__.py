@@ -143,7 +143,8 @@ def attention_forward(q, k, v, mask, scale: float, rope=None):
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, scale: float, rope=None):
     """Gradients of `attention_forward`'s output from its out and lse: dq (of q before rotation), dkv
-    [B, T, H, Dk + Dv] (dk then dv per head) and dk_pe [B, T, H, Dr] fp32 per head (empty without rope)."""
+    [B, T, H, Dk + Dv] (dk then dv per head) and dk_pe [B, T, Dr] (k_pe's gradient, the heads' summed in fp32 in
+    head order; empty without rope)."""
     k_pe, cos, sin, interleave = rope or (None, None, None, True)
     return torch.ops.dsv3.attention_backward(grad_out, q, k, v, k_pe, cos, sin, interleave, out, lse, mask,
                                              mask is None, scale)

@@ -462,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
 
 // grad_out, out [B, H, Tq, Dv]; lse [B, H, Tq] fp32; the rest as for the forward. Returns dq laid out as q (the
 // gradient of q before rotation), dkv [B, Tk, H, Dk + Dv] (dk, then dv: the layout of MLA's kv_b_proj output)
-// and dk_pe [B, Tk, H, Dr] fp32, each head's gradient of k_pe (empty without k_pe).
+// and dk_pe [B, Tk, Dr] bf16, k_pe's gradient: the heads' fp32 gradients summed in head order, rounded once (empty
+// without k_pe).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& k_pe, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
@@ -491,7 +492,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                   dq.data_ptr<bf16>() + bi * dq.stride(0) + hi * dq.stride(1), dq.stride(2), dk, dkv.stride(1),
                   dk + Dk, dkv.stride(1), scratch);
   });
-  return {dq, dkv, dk_pe};
+  if (!Dr) return {dq, dkv, dk_pe};
+  at::Tensor dk_pe_sum = at::empty({B, Tk, Dr}, q.options());
+  const float* hp = dk_pe.const_data_ptr<float>();
+  bf16* sp = dk_pe_sum.data_ptr<bf16>();
+  for_each_block(B * Tk, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t d = 0; d < Dr; d += 16) {
+        __m512 acc = _mm512_loadu_ps(hp + t * H * Dr + d);
+        for (int64_t h = 1; h < H; ++h) acc = _mm512_add_ps(acc, _mm512_loadu_ps(hp + (t * H + h) * Dr + d));
+        store16(sp + t * Dr + d, acc);
+      }
+  });
+  return {dq, dkv, dk_pe_sum};
 }
 
 bool attention_supported() { return cpublas::could_pack(at::kBFloat16); }

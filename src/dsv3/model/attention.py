@@ -42,8 +42,7 @@ class _CPUAttention(torch.autograd.Function):
         k, v = kv[..., :ctx.k_dim], kv[..., ctx.k_dim:]
         rope = None if k_pe is None else (k_pe, cos, sin, ctx.interleave)
         dq, dkv, dk_pe = kernels.attention_backward(grad, q, k, v, out, lse, mask, ctx.scale, rope)
-        dk_pe = None if k_pe is None else dk_pe.sum(2).to(k_pe.dtype)  # the heads share k_pe
-        return dq, dkv.transpose(1, 2), dk_pe, None, None, None, None, None, None
+        return dq, dkv.transpose(1, 2), None if k_pe is None else dk_pe, None, None, None, None, None, None
 
 
 class MLA(nn.Module):
