@@ -240,6 +240,20 @@ def test_experts_kernel_adds_the_shared_experts_itself(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("E,M", [(32, 32768), (7, 1), (256, 1000)])
+def test_sort_by_expert_is_a_stable_argsort(E, M):
+    """The counting sort of the experts' slots gives exactly argsort(stable=True) and the count per expert (skewed
+    indices, so that most experts repeat and some get none); an index out of range is an error, not a wild write."""
+    g = torch.Generator().manual_seed(E)
+    idx = (torch.rand(M, generator=g) ** 3 * E).long()
+    order, counts = kernels.sort_by_expert(idx, E)
+    assert torch.equal(order, idx.argsort(stable=True))
+    assert torch.equal(counts, torch.bincount(idx, minlength=E))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.sort_by_expert(torch.tensor([0, E]), E)
+
+
+@needs_kernels
 @pytest.mark.parametrize("E,k,n_group,topk_group,sigmoid", [(32, 4, 4, 2, True), (256, 8, 8, 4, True),
                                                              (64, 6, 8, 3, False), (64, 6, 1, 1, True)])
 def test_route_topk_chooses_the_experts_aten_does(E, k, n_group, topk_group, sigmoid):

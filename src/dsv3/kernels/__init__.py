@@ -209,6 +209,17 @@ def route_topk(choice: torch.Tensor, k: int, n_group: int, topk_group: int, top2
     return torch.ops.dsv3.route_topk(choice.float(), k, n_group, topk_group, top2)
 
 
+def sort_by_expert_ok(idx: torch.Tensor) -> bool:
+    """Whether `sort_by_expert` takes these expert indices: on CPU, eager."""
+    return idx.device.type == "cpu" and not torch.compiler.is_compiling() and available()
+
+
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx [M] int64 -> (the positions sorted by expert, stably: idx.argsort(stable=True); the count per expert
+    [n_experts]), by a counting sort."""
+    return torch.ops.dsv3.sort_by_expert(idx.contiguous(), n_experts)
+
+
 def experts_ok(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `experts_forward` / `experts_backward` take these experts: CPU with AMX, fp32 or bf16 x, contiguous
     fp32 weights, hidden and expert sizes multiples of 32."""

@@ -404,6 +404,27 @@ at::Tensor route_topk(const at::Tensor& choice, int64_t k, int64_t n_group, int6
   return idx;
 }
 
+// The token slots of idx [N, k] (int64, contiguous) sorted by expert, stably (what argsort(stable=True) of its flat
+// view gives), and the slots per expert: a counting sort, one pass to count and one to place (ATen's argsort and
+// count took ~1 ms per MoE layer at the `small` training step's 32768 slots).
+std::tuple<at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& idx, int64_t E) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && E >= 1,
+              "sort_by_expert: contiguous int64 expert indices and E >= 1 expected");
+  const int64_t M = idx.numel();
+  at::Tensor order = at::empty({M}, idx.options()), counts = at::zeros({E}, idx.options());
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "sort_by_expert: expert index out of range");
+    ++cp[ip[i]];
+  }
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + cp[e - 1];
+  int64_t* op = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) op[next[ip[i]]++] = i;
+  return {order, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
@@ -412,10 +433,12 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("experts_backward(Tensor dy, Tensor? order, int k, int[] counts, Tensor x, Tensor h, Tensor gate_up, "
         "Tensor down, Tensor? weights, bool bf16_dx=False, Tensor? dx_add=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("route_topk(Tensor choice, int k, int n_group, int topk_group, bool top2) -> Tensor");
+  m.def("sort_by_expert(Tensor idx, int E) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("experts_forward", experts_forward);
   m.impl("experts_backward", experts_backward);
   m.impl("route_topk", route_topk);
+  m.impl("sort_by_expert", sort_by_expert);
 }

@@ -255,10 +255,14 @@ class Experts(nn.Module):
             if N == 1 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
                 return self._one_token(x, weights, idx)
         flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # token slots sorted by expert
-        # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
-        # would break a torch.compile graph)
-        counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        if kernels.sort_by_expert_ok(flat):  # the same order and counts from a counting sort
+            order, counts = kernels.sort_by_expert(flat, self.n)
+        else:
+            order = flat.argsort(stable=True)  # token slots sorted by expert
+            # tokens per expert; a scatter-add rather than bincount, whose output size depends on the data (which
+            # would break a torch.compile graph)
+            counts = torch.zeros(self.n, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat,
+                                                                                             torch.ones_like(flat))
         if _cpu_bf16_training(x, self.gate_up_proj):
             if kernels.experts_ok(x, self.gate_up_proj, self.down_proj):  # the weighted sum inside too
                 w = weights.float().contiguous()  # fp32 already (the router's)
