@@ -6,7 +6,8 @@ cpu_gemv.cpp): the products of single-token decoding, the experts of a small dec
 AMX tiles through oneDNN's brgemm, masked tiles skipped): the backward 5-14x faster than ATen's flash-attention
 backward at training shapes.
 `experts_forward` / `experts_backward` are the routed experts of bf16 training (cpu_experts.cpp): per expert, the
-weights cast and packed once, every product a brgemm micro-kernel, SwiGLU and the row gathers fused.
+weights cast and packed once, every product a brgemm micro-kernel, SwiGLU and the row gathers fused;
+`route_topk` the router's group-limited choice and `sort_by_expert` the slots' counting sort by expert.
 `linear_weight_grad` is a bf16 linear layer's weight gradient dY^T X in fp32 (cpu_linear.cpp), faster than ATen's
 transposed-A matmul at training shapes; `swiglu_forward` / `swiglu_backward` the dense MLPs' SwiGLU in one pass.
 `rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
