@@ -37,12 +37,9 @@ constexpr int64_t kB = 64;        // queries per block and keys per score tile
 constexpr int64_t kChunk = 512;   // keys per softmax pass: a block's scores (64 x 512 fp32) stay in L2
 constexpr int64_t kAhead = 16;    // rows of [B, T, H, D] tensors prefetched ahead of a row loop (see prefetch)
 
-// The kernels' outputs are rows a token's heads apart ([B, T, H, D] tensors): a plain store reads each cache line
-// before writing it, a streaming store writes whole lines without reading them (the backward 1.06x, the forward
-// 1.015x, the same bits). Every row starts on a 32-byte boundary (head dims are multiples of 16, ATen allocates
-// 64-byte aligned); each kernel fences (sfence) before its results are read.
-inline void stream16(bf16* p, __m512 v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
-inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+// The kernels' outputs are rows a token's heads apart ([B, T, H, D] tensors), written with streaming stores
+// (vec.h; the backward 1.06x, the forward 1.015x, the same bits). Every row starts on a 32-byte boundary (head
+// dims are multiples of 16, ATen allocates 64-byte aligned); each kernel fences (sfence) before its results are read.
 
 // dst[n * ldd + d] = src[d * lds + n] (rounded to T) for n < rows (src holds whole 16-column groups), D % 16 == 0,
 // streamed: 16 rows at a time are transposed into a buffer, passed through fn(row, n) in fp32 (when D <= kW: the
@@ -380,8 +377,6 @@ void backward_head(const bf16* q, int64_t ldq, const bf16* k, int64_t ldk, const
   _mm_sfence();
 }
 
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 64 == 0; }
-
 // The bool mask broadcast to [B, H, Tq, Tk] with contiguous rows, or undefined
 at::Tensor expanded_mask(const std::optional<at::Tensor>& attn_mask, int64_t B, int64_t H, int64_t Tq, int64_t Tk) {
   if (!attn_mask.has_value() || !attn_mask->defined()) return {};
@@ -444,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor out = at::empty({B, Tq, H, Dv}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
-  TORCH_INTERNAL_ASSERT(aligned(out), "attention_forward: unaligned output");  // for the streaming stores
+  TORCH_INTERNAL_ASSERT(aligned64(out), "attention_forward: unaligned output");  // for the streaming stores
   for_each_item(B * H, [&](int64_t bh, Scratch& scratch) {
     const int64_t bi = bh / H, hi = bh % H;
     auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };
@@ -476,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor mask = expanded_mask(attn_mask, B, H, Tq, Tk);
   at::Tensor dq = at::empty_like(q), dkv = at::empty({B, Tk, H, Dk + Dv}, k.options());
   at::Tensor dk_pe = at::empty({Dr ? B : 0, Tk, H, Dr}, q.options().dtype(at::kFloat));
-  TORCH_INTERNAL_ASSERT(aligned(dq) && aligned(dkv) && aligned(dk_pe), "attention_backward: unaligned outputs");
+  TORCH_INTERNAL_ASSERT(aligned64(dq) && aligned64(dkv) && aligned64(dk_pe), "attention_backward: unaligned outputs");
   for_each_item(B * H, [&](int64_t bh, Scratch& scratch) {
     const int64_t bi = bh / H, hi = bh % H;
     auto at4 = [&](const at::Tensor& t) { return t.const_data_ptr<bf16>() + bi * t.stride(0) + hi * t.stride(1); };

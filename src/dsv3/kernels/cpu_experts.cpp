@@ -94,12 +94,11 @@ void gather_rows(const T* src, int64_t D, int64_t rows, Row src_row, bf16* dst, 
   }
 }
 
-// dst[0, H) <- src[0, H) rounded to bf16, with streaming stores. The experts' output rows go out by token slot,
-// scattered over the whole output, and a plain store first reads each cache line it overwrites; a streaming store
-// writes whole lines without reading them (forward 1.10x, backward 1.05x at small's shapes, the same bits). dst is
-// 64-byte aligned (ATen's allocator; H % 32 == 0); the writer's sfence must come before anyone reads dst.
+// dst[0, H) <- src[0, H) rounded to bf16 with streaming stores (vec.h): the experts' output rows go out by token
+// slot, scattered over the whole output (forward 1.10x, backward 1.05x at small's shapes, the same bits). dst is
+// 64-byte aligned (ATen's allocator, H % 32 == 0); the writer fences before anyone reads it.
 inline void stream_row(const float* src, int64_t H, bf16* dst) {
-  for (int64_t d = 0; d < H; d += 16) _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + d), to_bf16(load16(src + d)));
+  for (int64_t d = 0; d < H; d += 16) stream16(dst + d, load16(src + d));
 }
 
 inline __m512 sigmoid16(__m512 g) {
@@ -254,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> experts_forward(
   const at::Tensor w = router_weights(weights, L, R);
   const auto bopt = x.options().dtype(at::kBFloat16);
   at::Tensor y = at::empty({L.rows(), H}, bopt), h = at::empty({L.padded, 2 * I}, bopt);
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(y.data_ptr()) % 64 == 0, "experts_forward: unaligned output");
+  TORCH_INTERNAL_ASSERT(aligned64(y), "experts_forward: unaligned output");
   AT_DISPATCH_SWITCH(x.scalar_type(), "experts_forward",
       AT_DISPATCH_CASE(at::kFloat, [&] { forward_impl(x.const_data_ptr<float>(), L, gate_up.const_data_ptr<float>(),
                                                       down.const_data_ptr<float>(), H, I, y.data_ptr<bf16>(),
@@ -307,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
               "experts_backward: x must be the forward's x, in bf16");
   TORCH_CHECK(h.is_contiguous() && h.size(0) == L.padded && h.size(1) == 2 * I, "experts_backward: h must be the forward's");
   at::Tensor dxs = at::empty({L.rows(), H}, dy.options().dtype(at::kBFloat16));
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(dxs.data_ptr()) % 64 == 0, "experts_backward: unaligned output");
+  TORCH_INTERNAL_ASSERT(aligned64(dxs), "experts_backward: unaligned output");
   at::Tensor dgate_up = at::empty_like(gate_up), ddown = at::empty_like(down);
   at::Tensor dw = at::empty({w.defined() ? R : 0, k}, dy.options().dtype(at::kFloat));
   for (size_t e = 0; e < L.count.size(); ++e)

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <type_traits>
 
 namespace dsv3_vec {
@@ -30,6 +31,12 @@ inline __m512 load16(const bf16* p, int64_t n) {
 }
 inline void store16(float* p, __m512 v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
 inline void store16(bf16* p, __m512 v, int64_t n) { _mm256_mask_storeu_epi16(p, first(n), to_bf16(v)); }
+// Streaming stores, for outputs scattered or strided over memory: a plain store reads each cache line before
+// writing it, a streaming store writes whole lines without reading them. p 32-byte (bf16) or 64-byte (fp32)
+// aligned; the writer's _mm_sfence() must come before another thread reads the lines.
+inline void stream16(bf16* p, __m512 v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+inline void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline bool aligned64(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 64 == 0; }
 
 // Ask for `bytes` of memory at p in L1 ahead of use. Rows that lie a token's heads apart (a head's rows of
 // [B, T, H, D] activations) defeat the hardware prefetchers: each row read or written was a cache miss, and the
