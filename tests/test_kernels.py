@@ -152,6 +152,7 @@ def test_fused_linears_are_the_layers_as_one_product(bias):
     """fused_linear (MLA's q_a and kv_a) in CPU bf16 training: each output bit-identical to its layer's own product
     under autocast; the input gradient is the two layers' products summed in fp32 and rounded once (each layer's
     rounded to bf16 and summed by autograd, otherwise); the weight and bias gradients as each layer's."""
+    torch.manual_seed(0)
     layers = [Linear(64, 96, bias=bias), Linear(64, 32, bias=bias)]
     if not kernels.linear_weight_grad_ok(torch.empty(0), layers[0].weight):
         pytest.skip("no AMX")
@@ -174,8 +175,10 @@ def test_fused_linears_are_the_layers_as_one_product(bias):
     assert all(torch.equal(a, b) for a, b in zip(ys, ys_ref))
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
     exact = sum(dy.double() @ layer.weight.detach().bfloat16().double() for dy, layer in zip(dys, layers))
+    # the fp32 sum's own error, relative to the terms' magnitudes: it dominates where the terms cancel
+    terms = sum(dy.double().abs() @ layer.weight.detach().bfloat16().double().abs() for dy, layer in zip(dys, layers))
     err, err_ref = (dx.double() - exact).abs(), (dx_ref.double() - exact).abs()
-    assert dx.dtype == torch.bfloat16 and (err <= exact.abs() * 2**-8).all()  # within the one rounding
+    assert dx.dtype == torch.bfloat16 and (err <= exact.abs() * 2**-8 + terms * 2**-20).all()  # within the one rounding
     assert err.mean() < 0.8 * err_ref.mean()  # two roundings there
 
 

@@ -7,6 +7,8 @@
 // outputs only feed matmuls write y rounded to bf16 (what autocast would cast it to) and take a bf16 dy.
 // The residual stream's adds can run inside: forward h + r is summed, kept and normalised in one pass, and the
 // backward adds the sum's own gradient to the norm's (the two extra passes of a separate add and its gradient).
+// Outputs go out with streaming stores (no read of each line before it is written): at [8192, 512] forward 1.06x,
+// backward 1.22x, neutral at 128 or 256 wide; the experts' and SwiGLU's outputs, streamed too, gained nothing.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,8 +44,9 @@ void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D,
     rstd[i] = r;
     const __m512 vr = _mm512_set1_ps(r);
     for (int64_t d = 0; d < D; d += 16)
-      store16(y + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(w + d), round_as<T>(_mm512_mul_ps(load16(xr + d), vr))));
+      stream16(y + i * D + d, _mm512_mul_ps(_mm512_loadu_ps(w + d), round_as<T>(_mm512_mul_ps(load16(xr + d), vr))));
   }
+  _mm_sfence();
 }
 
 // dn = cast(dy * w) (the gradient reaching the rounded normalised x), n = x * r:
@@ -68,10 +71,11 @@ void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const f
       __m512 dn = round_as<T>(_mm512_mul_ps(load16(g + d), _mm512_loadu_ps(w + d)));
       const __m512 g = _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn));
       const __m512 v = dres ? _mm512_add_ps(g, load16(dres + i * D + d)) : g;
-      store16(dx + i * D + d, v);
-      if (dx_bf16) store16(dx_bf16 + i * D + d, v);
+      stream16(dx + i * D + d, v);
+      if (dx_bf16) stream16(dx_bf16 + i * D + d, v);
     }
   }
+  _mm_sfence();
 }
 
 void check(const at::Tensor& x, const at::Tensor& w) {
@@ -88,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const a
   const int64_t R = x.size(0), D = x.size(1);
   at::Tensor y = at::empty({R, D}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   at::Tensor rstd = at::empty({R}, x.options().dtype(at::kFloat));
+  TORCH_INTERNAL_ASSERT(aligned64(y), "rms_norm_forward: unaligned output");  // streamed rows
   for_each_block(R, 64, [&](int64_t begin, int64_t end) {
     auto rows = [&](auto* xp, auto* yp) {
       forward_rows(xp, x.stride(0), w.const_data_ptr<float>(), float(eps), D, begin, end, yp, rstd.data_ptr<float>());
@@ -112,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Te
   at::Tensor s = at::empty({R, D}, h.options());
   at::Tensor y = at::empty({R, D}, h.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   at::Tensor rstd = at::empty({R}, h.options());
+  TORCH_INTERNAL_ASSERT(aligned64(y), "add_rms_norm_forward: unaligned output");
   for_each_block(R, 64, [&](int64_t begin, int64_t end) {
     auto rows = [&](auto* yp, auto* rp) {
       forward_rows(s.const_data_ptr<float>(), D, w.const_data_ptr<float>(), float(eps), D, begin, end, yp,
@@ -145,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
   TORCH_CHECK(!bf16_copy || x.scalar_type() == at::kFloat, "rms_norm: bf16_copy is for an fp32 x");
   at::Tensor dxb = at::empty({bf16_copy ? R : 0, D}, x.options().dtype(at::kBFloat16));
   bf16* dxbp = bf16_copy ? dxb.data_ptr<bf16>() : nullptr;
+  TORCH_INTERNAL_ASSERT(aligned64(dx) && aligned64(dxb), "rms_norm_backward: unaligned output");
   at::Tensor partial = at::zeros({std::max<int64_t>(1, (R + kRows - 1) / kRows), D}, w.options());
   for_each_block(R, kRows, [&](int64_t begin, int64_t end) {
     float* dw = partial.data_ptr<float>() + begin / kRows * D;
