@@ -184,6 +184,50 @@ def test_fused_linears_are_the_layers_as_one_product(bias):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_latents_are_fused_linear_and_the_norms(dtype, monkeypatch):
+    """MLA's q_a / kv_a product and the norms after it in CPU bf16 training (`_TrainLatents`): outputs, input gradient
+    and every weight gradient bit-identical to `fused_linear` and the RMSNorm modules, whose gradients autograd
+    concatenates (here written into one buffer). kv_lora_rank 48: c_kv's gradient columns start mid-line."""
+    from dsv3.model import attention
+
+    cfg = ModelConfig(hidden_size=64, num_attention_heads=2, q_lora_rank=64, kv_lora_rank=48, qk_nope_head_dim=16,
+                      qk_rope_head_dim=16, v_head_dim=16)
+    torch.manual_seed(0)
+    mla = attention.MLA(cfg)
+    for norm in (mla.q_a_layernorm, mla.kv_a_layernorm):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 64, generator=g).to(dtype).requires_grad_()
+    dys = [torch.randn(3, 50, n, generator=g).bfloat16() for n in (2 * 32, 48, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if not attention._TrainLatents.runs(x, (mla.q_a_proj, mla.kv_a_proj_with_mqa), (mla.q_a_layernorm,)):
+            pytest.skip("no AMX")
+    calls = []
+    fused = attention._TrainLatents.apply
+    monkeypatch.setattr(attention._TrainLatents, "apply", lambda *a: calls.append(1) or fused(*a))
+
+    def run():
+        mla.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, c_kv, k_pe = mla._project(x)
+        ys = [q.reshape(3, 50, -1), c_kv, k_pe]
+        torch.autograd.backward(ys, dys)
+        grads = [p.grad.clone() for p in mla.parameters() if p.grad is not None]
+        return [y.detach().clone() for y in ys], x.grad, grads
+
+    ys, dx, grads = run()
+    assert calls == [1]
+    monkeypatch.setattr(attention._TrainLatents, "runs", lambda *a: False)
+    ys_ref, dx_ref, grads_ref = run()
+    assert calls == [1] and len(grads) == len(grads_ref) == 5  # q_a, its norm, q_b, kv_a, its norm
+    assert all(torch.equal(a, b) for a, b in zip(ys, ys_ref))
+    assert dx.dtype == dtype and torch.equal(dx, dx_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_mlp_runs_gate_and_up_as_one_product(dtype, monkeypatch):
     """MLP under CPU bf16 autocast training: gate and up in one product, SwiGLU through the kernels. Output and
     weight gradients bit-identical to autocast's silu and mul between the three Linears; the input gradient sums

@@ -169,10 +169,12 @@ def add_rms_norm_forward(h: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps:
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      dres: torch.Tensor | None = None, bf16_copy: bool = False):
+                      dres: torch.Tensor | None = None, bf16_copy: bool = False, out: torch.Tensor | None = None):
     """(dx [R, D] in x's dtype, dw [D] fp32) for the forward above; dy fp32 or bf16. dres [R, D] fp32 (for an fp32
-    x): a gradient reaching x by another way, added to dx. With bf16_copy (fp32 x), (dx, dw, dx rounded to bf16)."""
-    dx, dw, dx_bf16 = torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd, dres, bf16_copy)
+    x): a gradient reaching x by another way, added to dx. With bf16_copy (fp32 x), (dx, dw, dx rounded to bf16).
+    With out ([R, D] in x's dtype, rows contiguous and aligned to 16 elements, e.g. columns of a wider buffer), dx
+    is written there (and returned)."""
+    dx, dw, dx_bf16 = torch.ops.dsv3.rms_norm_backward(dy, x, w, rstd, dres, bf16_copy, out)
     return (dx, dw, dx_bf16) if bf16_copy else (dx, dw)
 
 

@@ -54,7 +54,7 @@ void forward_rows(const T* x, int64_t ldx, const float* w, float eps, int64_t D,
 // With dres (the gradient of the fp32 sum x = h + r itself): dx += dres
 template <typename T, typename G>
 void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const float* rstd, int64_t D, int64_t begin,
-                   int64_t end, T* dx, float* dw, const float* dres = nullptr, bf16* dx_bf16 = nullptr) {
+                   int64_t end, T* dx, int64_t lddx, float* dw, const float* dres = nullptr, bf16* dx_bf16 = nullptr) {
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = x + i * ldx;
     const G* g = dy + i * D;
@@ -71,7 +71,7 @@ void backward_rows(const G* dy, const T* x, int64_t ldx, const float* w, const f
       __m512 dn = round_as<T>(_mm512_mul_ps(load16(g + d), _mm512_loadu_ps(w + d)));
       const __m512 g = _mm512_mul_ps(vr, _mm512_fnmadd_ps(n, mean, dn));
       const __m512 v = dres ? _mm512_add_ps(g, load16(dres + i * D + d)) : g;
-      stream16(dx + i * D + d, v);
+      stream16(dx + i * lddx + d, v);
       if (dx_bf16) stream16(dx_bf16 + i * D + d, v);
     }
   }
@@ -135,10 +135,12 @@ constexpr int64_t kRows = 256;  // rows per block of the backward: one partial s
 // -> dx [R, D] in x's dtype (plus dres [R, D] fp32 when given: the gradient reaching x by another way, for an fp32
 // x), dw [D] fp32 (partial sums per block of kRows rows, added in block order: the same for any number of threads),
 // and with bf16_copy dx rounded to bf16 as well (for an fp32 x: the gradient of a bf16 residual, which autograd
-// would otherwise cast in a pass)
+// would otherwise cast in a pass). With out ([R, D] in x's dtype, rows aligned to 16 elements for the streaming
+// stores: columns of a wider gradient buffer), dx is written there and returned as out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x,
                                                                  const at::Tensor& w, const at::Tensor& rstd,
-                                                                 const std::optional<at::Tensor>& dres, bool bf16_copy) {
+                                                                 const std::optional<at::Tensor>& dres, bool bf16_copy,
+                                                                 const std::optional<at::Tensor>& out) {
   check(x, w);
   TORCH_CHECK((dy.scalar_type() == at::kFloat || dy.scalar_type() == at::kBFloat16) && dy.is_contiguous() &&
               dy.sizes() == x.sizes(), "rms_norm: dy must be contiguous fp32 or bf16 shaped like x");
@@ -147,17 +149,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
                             dres->sizes() == x.sizes()), "rms_norm: dres must be contiguous fp32 shaped like an fp32 x");
   const float* rp = with_res ? dres->const_data_ptr<float>() : nullptr;
   const int64_t R = x.size(0), D = x.size(1);
-  at::Tensor dx = at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool given = out.has_value() && out->defined();
+  TORCH_CHECK(!given || (out->scalar_type() == x.scalar_type() && out->dim() == 2 && out->size(0) == R &&
+                         out->size(1) == D && out->stride(1) == 1 &&
+                         (out->stride(0) * out->element_size()) % (16 * out->element_size()) == 0 &&
+                         reinterpret_cast<uintptr_t>(out->data_ptr()) % (16 * out->element_size()) == 0),
+              "rms_norm: out must be [R, D] in x's dtype with contiguous rows aligned to 16 elements");
+  at::Tensor dx = given ? *out : at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t lddx = given ? out->stride(0) : D;
   TORCH_CHECK(!bf16_copy || x.scalar_type() == at::kFloat, "rms_norm: bf16_copy is for an fp32 x");
   at::Tensor dxb = at::empty({bf16_copy ? R : 0, D}, x.options().dtype(at::kBFloat16));
   bf16* dxbp = bf16_copy ? dxb.data_ptr<bf16>() : nullptr;
-  TORCH_INTERNAL_ASSERT(aligned64(dx) && aligned64(dxb), "rms_norm_backward: unaligned output");
+  TORCH_INTERNAL_ASSERT((given || aligned64(dx)) && aligned64(dxb), "rms_norm_backward: unaligned output");
   at::Tensor partial = at::zeros({std::max<int64_t>(1, (R + kRows - 1) / kRows), D}, w.options());
   for_each_block(R, kRows, [&](int64_t begin, int64_t end) {
     float* dw = partial.data_ptr<float>() + begin / kRows * D;
     auto rows = [&](auto* gp, auto* xp, auto* dxp) {
-      backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, dw, rp,
-                    dxbp);
+      backward_rows(gp, xp, x.stride(0), w.const_data_ptr<float>(), rstd.const_data_ptr<float>(), D, begin, end, dxp, lddx, dw,
+                    rp, dxbp);
     };
     const bool gf = dy.scalar_type() == at::kFloat;
     if (x.scalar_type() == at::kFloat) {
@@ -176,8 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("rms_norm_forward(Tensor x, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor)");
   m.def("add_rms_norm_forward(Tensor h, Tensor r, Tensor w, float eps, bool bf16_out=False) -> (Tensor, Tensor, Tensor)");
-  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres=None, bool bf16_copy=False) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres=None, bool bf16_copy=False, "
+        "Tensor? out=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rotary, fused_linear
+from .layers import Linear, RMSNorm, _bf16_cpu_training, apply_rotary, fused_linear
 
 
 class _CPUAttention(torch.autograd.Function):
@@ -45,6 +45,51 @@ class _CPUAttention(torch.autograd.Function):
         return dq, dkv.transpose(1, 2), None if k_pe is None else dk_pe, None, None, None, None, None, None
 
 
+class _TrainLatents(torch.autograd.Function):
+    """MLA's q_a and kv_a projections as one product (as `fused_linear` runs them) and the norms of q_a's output and
+    of c_kv (as RMSNorm runs them in training: bf16 outputs) for CPU bf16 training -> (norm(q_lat), norm(c_kv),
+    k_pe), the same numbers. The backward writes the norms' input gradients and k_pe's straight into the columns of
+    the product's output gradient, which autograd's path concatenated twice (c_kv's with k_pe's, then q_lat's with
+    those) before the product's own backward."""
+
+    @staticmethod
+    def runs(x, layers, norms) -> bool:
+        """Whether this training path takes the layers (q_a, kv_a; no biases) and their norms."""
+        return (layers[0].bias is None and layers[1].bias is None
+                and all(_bf16_cpu_training(x, m.weight) and kernels.linear_weight_grad_ok(x, m.weight) for m in layers)
+                and all(kernels.rms_norm_ok(x, m.weight) and m.weight.shape[0] % 16 == 0 for m in norms))
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_kv, norm_q, norm_kv, eps_q: float, eps_kv: float):
+        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if xb.stride(-1) != 1:  # the weight-gradient kernel reads rows
+            xb = xb.contiguous()
+        wb = torch.cat((w_q, w_kv)).to(torch.bfloat16)
+        y = F.linear(xb, wb)  # [T, q_rank + rank + rope]
+        nq, rank = w_q.shape[0], norm_kv.shape[0]
+        q, rstd_q = kernels.rms_norm_forward(y[:, :nq], norm_q, eps_q, True)
+        c, rstd_c = kernels.rms_norm_forward(y[:, nq:nq + rank], norm_kv, eps_kv, True)
+        ctx.save_for_backward(xb, wb, y, norm_q, norm_kv, rstd_q, rstd_c)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        lead = x.shape[:-1]
+        return q.view(*lead, nq), c.view(*lead, rank), y[:, nq + rank:].view(*lead, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dc, dk_pe):
+        xb, wb, y, norm_q, norm_kv, rstd_q, rstd_c = ctx.saved_tensors
+        nq, rank = norm_q.shape[0], norm_kv.shape[0]
+        dy = torch.empty_like(y)
+        _, dnorm_q = kernels.rms_norm_backward(dq.reshape(-1, nq).contiguous(), y[:, :nq], norm_q, rstd_q,
+                                               out=dy[:, :nq])
+        _, dnorm_kv = kernels.rms_norm_backward(dc.reshape(-1, rank).contiguous(), y[:, nq:nq + rank], norm_kv, rstd_c,
+                                                out=dy[:, nq:nq + rank])
+        dy[:, nq + rank:] = dk_pe.reshape(dy.shape[0], -1)
+        dx = (dy @ wb).view(ctx.x_shape).to(ctx.x_dtype)
+        dw = kernels.linear_weight_grad(dy, xb)
+        return dx, dw[:nq], dw[nq:], dnorm_q, dnorm_kv, None, None
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,17 +118,23 @@ class MLA(nn.Module):
         return q.view(*x.shape[:2], self.n_heads, -1)
 
     def _project(self, x):
-        """Queries before rotation [B, T, nh, qk] and kv_a's output [B, T, rank + rope] (q_a and kv_a as one product
-        in CPU bf16 training: `fused_linear`)."""
+        """Queries before rotation [B, T, nh, qk], norm(c_kv) [B, T, rank] and k_pe before rotation [B, T, rope]. In
+        CPU bf16 training q_a and kv_a run as one product (`fused_linear`), with their norms in `_TrainLatents`."""
         if self.cfg.q_lora_rank is None:
-            return self._q(x), self.kv_a_proj_with_mqa(x)
-        q_lat, kv_a = fused_linear(x, self.q_a_proj, self.kv_a_proj_with_mqa)
-        return self.q_b_proj(self.q_a_layernorm(q_lat)).view(*x.shape[:2], self.n_heads, -1), kv_a
+            c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+            return self._q(x), self.kv_a_layernorm(c_kv), k_pe
+        layers, norms = (self.q_a_proj, self.kv_a_proj_with_mqa), (self.q_a_layernorm, self.kv_a_layernorm)
+        if _TrainLatents.runs(x, layers, norms):
+            q_lat, c_kv, k_pe = _TrainLatents.apply(x, *(m.weight for m in layers + norms), norms[0].eps, norms[1].eps)
+        else:
+            q_lat, kv_a = fused_linear(x, *layers)
+            c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
+            q_lat, c_kv = self.q_a_layernorm(q_lat), self.kv_a_layernorm(c_kv)
+        return self.q_b_proj(q_lat).view(*x.shape[:2], self.n_heads, -1), c_kv, k_pe
 
-    def latent(self, x, cos, sin, kv_a: torch.Tensor | None = None):
-        """The per-token values the decode cache holds: norm(c_kv) [B, T, rank] and rotated k_pe [B, T, rope]
-        (from kv_a's output when given)."""
-        c_kv, k_pe = (self.kv_a_proj_with_mqa(x) if kv_a is None else kv_a).split([self.rank, self.rope], dim=-1)
+    def latent(self, x, cos, sin):
+        """The per-token values the decode cache holds: norm(c_kv) [B, T, rank] and rotated k_pe [B, T, rope]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
@@ -105,18 +156,17 @@ class MLA(nn.Module):
         stores them in its blocks instead.
         """
         B, T, _ = x.shape
-        q, kv_a = self._project(x)
+        q, c_kv, k_pe = self._project(x)
         if cache is None and torch.is_grad_enabled() and q.requires_grad and kernels.attention_ok(
                 q, q[..., : self.v_dim], self.rope, self.interleave):
             # training on CPU: the kernels rotate q and k themselves and read k_pe once for all heads
-            c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
-            kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, self.n_heads, -1)
+            kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1)
             o = _CPUAttention.apply(q.transpose(1, 2), kv.transpose(1, 2), k_pe, cos, sin, mask, self.scale, self.nope,
                                     self.interleave)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
-        c_kv, k_pe = self.latent(x, cos, sin, kv_a)
+        k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         if isinstance(cache, torch.Tensor):
             cache[:, :T, : self.rank] = c_kv
             cache[:, :T, self.rank:] = k_pe
