@@ -576,6 +576,24 @@ def test_rms_norm_kernel_bf16_output_and_gradient(dtype):
 
 
 @needs_kernels
+def test_rms_norm_backward_writes_into_given_columns():
+    """rms_norm_backward(out=) writes dx into columns of a wider buffer (the rest untouched) and returns it, the same
+    numbers as its own output; columns not aligned to 16 elements are refused before anything is written."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 48, generator=g).bfloat16()
+    w = torch.rand(48, generator=g) + 0.5
+    dy = torch.randn(100, 48, generator=g).bfloat16()
+    _, rstd = kernels.rms_norm_forward(x, w, 1e-6, True)
+    dx, dw = kernels.rms_norm_backward(dy, x, w, rstd)
+    buf = torch.full((100, 96), 7.0, dtype=torch.bfloat16)
+    got, dw2 = kernels.rms_norm_backward(dy, x, w, rstd, out=buf[:, 32:80])
+    assert torch.equal(got, dx) and torch.equal(buf[:, 32:80], dx) and torch.equal(dw2, dw)
+    assert (buf[:, :32] == 7).all() and (buf[:, 80:] == 7).all()
+    with pytest.raises(RuntimeError, match="aligned to 16 elements"):
+        kernels.rms_norm_backward(dy, x, w, rstd, out=buf[:, 8:56])
+
+
+@needs_kernels
 def test_rms_norm_backward_same_for_any_thread_count():
     """The weight gradient's partial sums go by blocks of rows, not by thread: 1 and 2 threads give the same bits
     (and rows past the last full block count)."""

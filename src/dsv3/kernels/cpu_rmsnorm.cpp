@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
   const bool given = out.has_value() && out->defined();
   TORCH_CHECK(!given || (out->scalar_type() == x.scalar_type() && out->dim() == 2 && out->size(0) == R &&
                          out->size(1) == D && out->stride(1) == 1 &&
-                         (out->stride(0) * out->element_size()) % (16 * out->element_size()) == 0 &&
+                         out->stride(0) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(out->data_ptr()) % (16 * out->element_size()) == 0),
               "rms_norm: out must be [R, D] in x's dtype with contiguous rows aligned to 16 elements");
   at::Tensor dx = given ? *out : at::empty({R, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
