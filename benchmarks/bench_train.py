@@ -131,13 +131,13 @@ def main() -> None:
         peaks.append(_matmul_peak_flops.__wrapped__(mm_dtype))
     alone = []  # (seconds, reading before, reading after)
     for _ in range(args.alone_steps):
-        alone.append((train_step(ours_loss, ours_opt, batch, autocast), peaks[-1]))
+        seconds = train_step(ours_loss, ours_opt, batch, autocast)
         peaks.append(_matmul_peak_flops.__wrapped__(mm_dtype))
-        alone[-1] += (peaks[-1],)
+        alone.append((seconds, peaks[-2], peaks[-1]))
     t_ours, t_hf = statistics.median(times[0]), statistics.median(times[1])
     tokens = args.batch * args.seq
-    # the largest of the peaks measured before the steps and after each pair of them: this VM's bf16 matmul peak
-    # reads either ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
+    # the largest of the readings (before the steps, after each pair and each alone step): this VM's bf16 matmul
+    # peak reads either ~0.7 or ~2.0 TFLOP/s from one minute to the next, and MFU is against what the machine can do
     peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peaks)
     at_peak = [t for t, r0, r1 in alone if min(r0, r1) >= 0.9 * peak]  # steps while the machine read near it
     fpt = flops_per_token(cfg, args.seq)
