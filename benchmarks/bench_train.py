@@ -7,10 +7,10 @@ Both models train the main next-token loss only (transformers has no MTP), so ds
 computes it as its own library does: dsv3's `cross_entropy` (its CPU kernel), and for transformers the fp32 upcast of
 the logits and F.cross_entropy that its ForCausalLMLoss runs.
 MFU counts 6 x activated parameters (embedding excluded) + attention per token, against the measured dense
-matmul peak of the machine in the same dtype (the best reading of those taken before the steps and after each pair
-of them: this VM's peak changes from minute to minute). Medians over --repeats steps after a warm-up step, the two
-sides' steps interleaved. Like `dsv3 train` on CPU, the process keeps freed memory for reuse (`keep_freed_memory`),
-which speeds up both sides.
+matmul peak of the machine in the same dtype (the best reading of those taken before the steps, after each pair
+of them and after each alone step: this VM's peak changes from minute to minute). Medians over --repeats steps
+after a warm-up step, the two sides' steps interleaved. Like `dsv3 train` on CPU, the process keeps freed memory for
+reuse (`keep_freed_memory`), which speeds up both sides.
 
 The default batch, 16 sequences of 512 tokens (8192 tokens per step), is a small training batch; smaller ones
 (4 x 256) leave the step dominated by per-operation overhead on both sides.
