@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from .layers import Linear, RMSNorm, _bf16_cpu_training, apply_rotary, fused_linear
+from .layers import Linear, RMSNorm, apply_rotary, fused_linear, trains_with_kernels
 
 
 class _CPUAttention(torch.autograd.Function):
@@ -56,7 +56,7 @@ class _TrainLatents(torch.autograd.Function):
     def runs(x, layers, norms) -> bool:
         """Whether this training path takes the layers (q_a, kv_a; no biases) and their norms."""
         return (layers[0].bias is None and layers[1].bias is None
-                and all(_bf16_cpu_training(x, m.weight) and kernels.linear_weight_grad_ok(x, m.weight) for m in layers)
+                and all(trains_with_kernels(x, m.weight) for m in layers)
                 and all(kernels.rms_norm_ok(x, m.weight) and m.weight.shape[0] % 16 == 0 for m in norms))
 
     @staticmethod

@@ -132,7 +132,7 @@ class Linear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; in bf16 autocast training on CPU (fp32 weight with a gradient) through `_TrainLinear`."""
-    if _bf16_cpu_training(x, weight) and kernels.linear_weight_grad_ok(x, weight):
+    if trains_with_kernels(x, weight):
         return _TrainLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -141,8 +141,7 @@ def fused_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...
     """(layer(x) for each layer), in CPU bf16 training as one product over the concatenated weights, split: one
     input-gradient and one weight-gradient product instead of one per layer, and the layers' input gradients are
     never summed in a separate pass (MLA's q_a and kv_a, which read the same normed x)."""
-    if not all(_bf16_cpu_training(x, layer.weight) and kernels.linear_weight_grad_ok(x, layer.weight)
-               for layer in layers):
+    if not all(trains_with_kernels(x, layer.weight) for layer in layers):
         return tuple(layer(x) for layer in layers)
     biases = [layer.bias for layer in layers]
     bias = None if biases[0] is None else torch.cat(biases)
@@ -150,11 +149,12 @@ def fused_linear(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...
     return y.split([layer.out_features for layer in layers], dim=-1)
 
 
-def _bf16_cpu_training(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Training under CPU bf16 autocast: an fp32 weight with a gradient, an fp32 or bf16 input."""
+def trains_with_kernels(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Training under CPU bf16 autocast (an fp32 weight with a gradient, an fp32 or bf16 input) at shapes the
+    weight-gradient kernel takes: the linear layers' training path (`_TrainLinear` and the fused functions)."""
     return (weight.requires_grad and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and weight.dtype == torch.float32
-            and x.dtype in (torch.float32, torch.bfloat16))
+            and x.dtype in (torch.float32, torch.bfloat16) and kernels.linear_weight_grad_ok(x, weight))
 
 
 class _TrainLinear(torch.autograd.Function):
@@ -196,7 +196,7 @@ class MLP(nn.Module):
     def trains_fused(self, x: torch.Tensor) -> bool:
         """Whether training on x runs as `_TrainMLP` (CPU bf16 autocast, kernel-sized weights)."""
         gate = self.gate_proj.weight  # its shape is down's, transposed
-        return _bf16_cpu_training(x, gate) and kernels.linear_weight_grad_ok(x, gate)
+        return trains_with_kernels(x, gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trains_fused(x):
