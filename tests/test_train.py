@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 from hf_oracle import tiny_config
+from safetensors.torch import load_file
 
 from dsv3 import DeepseekV3, ModelConfig
 from dsv3.model.moe import Experts, MoE, expert_ffn
 from dsv3.model.transformer import _BlockwiseCrossEntropy, cross_entropy
 from dsv3.train.balance import max_vio, routers, update_biases
-from dsv3.train.optim import build_optimizer, lr_at, mtp_lambda_at
+from dsv3.train.optim import BF16MomentsAdamW, build_optimizer, lr_at, mtp_lambda_at
 from dsv3.train.trainer import PeakMeter, TrainArgs, Trainer, TrainError
 
 
@@ -229,6 +230,73 @@ def test_no_weight_decay_on_norms_and_biases():
     assert all(p.dim() == 1 for p in no_decay["params"]) and all(p.dim() >= 2 for p in decay["params"])
 
 
+def test_bf16_moments_adamw_is_adamw_with_its_moments_rounded_to_bf16():
+    """With fp32 moments it is torch's AdamW bit for bit; with bf16 moments each step is that same fp32 step from
+    the stored moments, its new moments rounded to bf16 (the report's low-precision optimizer state)."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))  # noqa: E731
+    ref, fp32, bf16 = make(), make(), make()
+    for m in (fp32, bf16):
+        m.load_state_dict(ref.state_dict())
+    start = [p.detach().clone() for p in ref.parameters()]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), foreach=False, **kw)
+    opt_fp32 = BF16MomentsAdamW(fp32.parameters(), moment_dtype=torch.float32, **kw)
+    opt_bf16 = BF16MomentsAdamW(bf16.parameters(), use_kernel=False, **kw)
+    for _ in range(12):
+        x = torch.randn(8, 16)
+        # the fp32 step from the bf16 state: moments upcast exactly, the same parameters and gradients
+        step_fp32 = make()
+        step_fp32.load_state_dict(bf16.state_dict())
+        opt_step = BF16MomentsAdamW(step_fp32.parameters(), moment_dtype=torch.float32, **kw)
+        if opt_bf16.state:
+            opt_step.load_state_dict(opt_bf16.state_dict())
+        for m, o in ((ref, opt_ref), (fp32, opt_fp32), (bf16, opt_bf16), (step_fp32, opt_step)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), fp32.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(step_fp32.parameters(), bf16.parameters()))
+        for p, q in zip(bf16.parameters(), step_fp32.parameters()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert opt_bf16.state[p][key].dtype == torch.bfloat16
+                assert torch.equal(opt_bf16.state[p][key], opt_step.state[q][key].to(torch.bfloat16))
+    with torch.no_grad():
+        drift = max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), bf16.parameters()))
+        moved = max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), start))
+    assert 0 < drift < 0.05 * moved, (drift, moved)  # rounding, not a different optimizer
+
+
+def test_bf16_moments_adamw_cpu_kernel_is_its_tensor_op_path():
+    """`kernels.adamw_bf16_moments_` (one pass on CPU) against the tensor ops, fed the same gradients: the moments
+    bit-identical, the parameters within an ulp or so (ATen's vectorised sqrt is not correctly rounded)."""
+    from dsv3 import kernels
+
+    if not kernels.available():
+        pytest.skip("no CPU kernels here")
+    torch.manual_seed(0)
+    start = [torch.randn(1000, 37), torch.randn(5), torch.randn(64, 64)]  # tails of 8 and 5 past the 16-lanes
+    ours, ref = [p.clone() for p in start], [p.clone() for p in start]
+    opt, opt_ref = (BF16MomentsAdamW(ps, lr=1e-2, weight_decay=0.1, use_kernel=k) for ps, k in ((ours, True),
+                                                                                               (ref, False)))
+    calls = []
+    real = kernels.adamw_bf16_moments_
+    kernels_call = lambda *a: (calls.append(1), real(*a))  # noqa: E731
+    for _ in range(10):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p) * 10.0 ** torch.randint(-6, 1, ()).item()
+            q.grad = p.grad.clone()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "adamw_bf16_moments_", kernels_call)
+            opt.step()
+        opt_ref.step()
+        for p, q in zip(ours, ref):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt.state[p][key], opt_ref.state[q][key])
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert len(calls) == 10 * len(start)  # the kernel ran
+
+
 def _args(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), preset="tiny", seq_len=64, batch_size=4, max_steps=6, lr=3e-3,
                 warmup_steps=2, eval_every=0, eval_problems=8, save_every=0, dtype="float32", progress=False, seed=0)
@@ -268,11 +336,14 @@ def test_fit_budget_finishes_the_decay_when_time_runs_out(tmp_path):
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1.5 * a.min_lr_ratio * a.lr
 
 
-def test_resume_is_bit_identical(tmp_path):
-    Trainer(_args(tmp_path / "a", max_steps=6)).run()
-    Trainer(_args(tmp_path / "b", max_steps=6, stop_at=3)).run()
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_resume_is_bit_identical(tmp_path, state_dtype):
+    Trainer(_args(tmp_path / "a", max_steps=6, optim_state_dtype=state_dtype)).run()
+    Trainer(_args(tmp_path / "b", max_steps=6, stop_at=3, optim_state_dtype=state_dtype)).run()
     assert len(_losses(tmp_path / "b" / "run")) == 3
-    Trainer(_args(tmp_path / "b", max_steps=6, resume=True)).run()
+    saved = load_file(tmp_path / "b" / "run" / "checkpoints" / "step-000003" / "optimizer.safetensors")
+    assert {t.dtype for t in saved.values()} == {getattr(torch, state_dtype)}
+    Trainer(_args(tmp_path / "b", max_steps=6, resume=True, optim_state_dtype=state_dtype)).run()
     assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
     wa = DeepseekV3.from_pretrained(tmp_path / "a" / "run").state_dict()
     wb = DeepseekV3.from_pretrained(tmp_path / "b" / "run").state_dict()
@@ -301,6 +372,7 @@ def test_auto_dtype_is_bf16_where_the_kernels_run(tmp_path, monkeypatch):
     (dict(device="gpu"), "--device must be"),
     (dict(worked="digits"), "--worked"),
     (dict(fit_budget=True), "--fit-budget needs --max-minutes"),
+    (dict(optim_state_dtype="float16"), "--optim-state-dtype"),
 ] + ([] if torch.cuda.is_available() else [(dict(device="cuda"), "no CUDA device")]))
 def test_bad_input_fails_before_training(tmp_path, kw, msg):
     with pytest.raises(TrainError, match=msg):

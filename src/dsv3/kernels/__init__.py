@@ -12,7 +12,8 @@ weights cast and packed once, every product a brgemm micro-kernel, SwiGLU and th
 transposed-A matmul at training shapes; `swiglu_forward` / `swiglu_backward` the dense MLPs' SwiGLU in one pass.
 `rms_norm_forward` / `rms_norm_backward` are training's RMSNorm in one pass over the rows each way
 (cpu_rmsnorm.cpp), where autograd makes ~16 elementwise passes; `cross_entropy_lse` / `cross_entropy_grad` the
-loss's, likewise (cpu_cross_entropy.cpp).
+loss's, likewise (cpu_cross_entropy.cpp). `adamw_bf16_moments_` is an AdamW step with bf16 moments in one pass
+(cpu_adamw.cpp).
 The library is built once per (sources, torch, compiler flags) into ~/.cache/dsv3/kernels (or
 $DSV3_KERNEL_CACHE) and loaded with `torch.ops.load_library`. The ops, `torch.ops.dsv3.gemv` and
 `torch.ops.dsv3.grouped_gemv`, have fake implementations, so torch.compile'd graphs can call them. Everything
@@ -36,7 +37,7 @@ import torch
 
 _SOURCES = [Path(__file__).with_name(n) for n in (
     "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_rmsnorm.cpp", "cpu_cross_entropy.cpp", "cpu_experts.cpp",
-    "cpu_linear.cpp")]
+    "cpu_linear.cpp", "cpu_adamw.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("vec.h", "pack.h")]  # included by the training kernels
 # -ffp-contract=off: no a * b + c fused behind the code's back, so the kernels' rounding does not change with the
 # compiler's inlining choices (an unrelated edit to a shared header moved attention outputs by an ulp)
@@ -268,3 +269,19 @@ def swiglu_forward(gu: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(da: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     """The gradient [T, 2I] bf16 of gu for `swiglu_forward` from da [T, I] bf16."""
     return torch.ops.dsv3.swiglu_backward(da, gu)
+
+
+def adamw_bf16_moments_ok(param, grad, exp_avg, exp_avg_sq) -> bool:
+    """Whether `adamw_bf16_moments_` can step this parameter: fp32 parameter and gradient, bf16 moments, all
+    contiguous, on CPU."""
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    return (param.device.type == "cpu" and param.dtype == grad.dtype == torch.float32
+            and exp_avg.dtype == exp_avg_sq.dtype == torch.bfloat16 and all(t.is_contiguous() for t in tensors)
+            and available())
+
+
+def adamw_bf16_moments_(param, grad, exp_avg, exp_avg_sq, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int) -> None:
+    """One AdamW step of param (fp32) in place, its moments exp_avg and exp_avg_sq (bf16, contiguous) updated in
+    fp32 and rounded back to bf16: torch.optim.AdamW's arithmetic, in one pass."""
+    torch.ops.dsv3.adamw_bf16_moments_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)

@@ -54,6 +54,8 @@ def _add_train(sub) -> None:
         "dist_timeout": (float, "seconds a collective waits for a peer before the job fails"),
         "peak_tflops": (float, "the logged MFU's denominator, TFLOP/s per device (a datasheet's dense bf16 or "
                                "fp32 peak); unset: measured with a square matmul now and then"),
+        "optim_state_dtype": (str, "AdamW's two moments: float32 (fused AdamW) or bfloat16 (the DeepSeek-V3 "
+                                   "report's choice: half the optimizer memory; computed in fp32, stored in bf16)"),
     }
     for name, (typ, hlp) in flags.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=getattr(defaults, name),

@@ -1,7 +1,7 @@
 """Training checkpoints: a Hugging Face-format model directory plus the training state, written atomically.
 
     RUN/checkpoints/step-000200/   config.json, model.safetensors, tokenizer files (loads anywhere)
-                                   optimizer.safetensors   AdamW moments (fp32), flattened by parameter index
+                                   optimizer.safetensors   AdamW moments (fp32, or bf16), flattened by parameter index
                                    trainer_state.json      step, RNG states, data position, schedule, args
 Runs of several processes write the sharded layout of dsv3.checkpoint.dcp instead; `load_training_state` reads
 either, so a run can resume with a different number of processes.

@@ -85,6 +85,7 @@ class TrainArgs:
     ep: int = 1  # expert-parallel degree (processes sharing one copy of the routed experts); needs torchrun
     dist_timeout: float = 900.0  # seconds a collective may wait for a peer before the job fails
     peak_tflops: float | None = None  # MFU denominator per device (TFLOP/s); None: measured (see PeakMeter)
+    optim_state_dtype: str = "float32"  # AdamW's moments; "bfloat16" as in the report (half the optimizer memory)
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -118,6 +119,8 @@ class TrainArgs:
         need(not self.device.startswith("cuda") or torch.cuda.is_available(),
              f"--device {self.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
         need(self.dist_timeout > 0, "--dist-timeout must be positive")
+        need(self.optim_state_dtype in ("float32", "bfloat16"),
+             f"--optim-state-dtype must be float32 or bfloat16, got {self.optim_state_dtype!r}")
         need(self.peak_tflops is None or (self.peak_tflops > 0 and math.isfinite(self.peak_tflops)),
              f"--peak-tflops must be positive, got {self.peak_tflops}")
         for p in self.data:
@@ -271,7 +274,7 @@ class Trainer:
         else:
             self.model.to(self.device)
         self.model.train()
-        self.opt = build_optimizer(self.model, args.lr, args.weight_decay)
+        self.opt = build_optimizer(self.model, args.lr, args.weight_decay, state_dtype=args.optim_state_dtype)
         self.step = 0
         self.schedule = 0.0  # where the LR / MTP / bias schedules stand, in steps (see _schedule_position)
         self.dtype = train_dtype(args.dtype, self.device)  # "auto" resolved
