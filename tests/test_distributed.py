@@ -143,6 +143,24 @@ def test_checkpoint_of_one_process_resumes_in_two(one_process, tok_dir, tmp_path
 
 
 @pytest.mark.slow
+def test_bf16_optimizer_state_on_two_processes_matches_one(tok_dir, tmp_path):
+    """--optim-state-dtype bfloat16 steps FSDP2's sharded parameters (DTensor) and the experts split by --ep as
+    one process steps whole ones, and its checkpoint (sharded) resumes in one process."""
+    settings = {**_settings(tok_dir), "optim_state_dtype": "bfloat16"}
+    one = tmp_path / "one"
+    Trainer(TrainArgs(out=str(one), progress=False, **settings)).run()
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "dsv3", "train", "--out", str(two), "--nproc", "2", "--ep", "2",
+          *_flags({**settings, "micro_batch_size": 2})])
+    _assert_same_losses(_metrics(two), _metrics(one))
+    _assert_same_weights(one, two)
+    run = _keep_until(two, 2, tmp_path / "resumed")
+    Trainer(TrainArgs(out=str(run), progress=False, resume=True, **settings)).run()
+    _assert_same_losses(_metrics(run), _metrics(one))
+    _assert_same_weights(one, run)
+
+
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_quickly_with_its_error(tok_dir, tmp_path):
     t0 = time.monotonic()
     cmd = [*TORCHRUN, "-m", "dsv3", "train", "--out", str(tmp_path / "run"), "--ep", "2",
@@ -195,6 +213,7 @@ def test_plan_matches_a_hand_computation():
     p = plan(cfg, gpus=4, ep=2, micro_batch=2, seq_len=16)
     assert (p.dp, p.experts_per_gpu, p.params_total) == (2, 4, total)
     assert p.parameters == p.gradients == 4 * total / 4 and p.optimizer == 8 * total / 4
+    assert plan(cfg, gpus=4, ep=2, micro_batch=2, seq_len=16, optim_state_dtype="bfloat16").optimizer == 4 * total / 4
     assert p.fsdp_working_set == 8 * root + 12 * (mtp_rest + experts / 2)  # the MTP block is the largest
     # activations per token: 4 blocks (3 + MTP) of fp32 norms and bf16 attention, 1 dense MLP, 3 MoE (2 + MTP)
     a_norms, a_attn = 4 * H, H + 2 * q_lora + 2 * kv_lora + 4 * nh * qk + nh * v + (nh + 1) * rope

@@ -7,7 +7,7 @@ parameters (they are AdamW's master weights), bf16 autocast compute, no activati
 Per GPU, with P parameters in all (sizes from the config on the meta device; no memory is used):
   parameters       4 B x P / G    fp32 shards, the AdamW master weights (FSDP and expert sharding together)
   gradients        4 B x P / G    fp32 shards after the reduce-scatter
-  optimizer state  8 B x P / G    AdamW exp_avg and exp_avg_sq, fp32
+  optimizer state  8 B x P / G    AdamW exp_avg and exp_avg_sq, fp32 (4 B x P / G in bf16: --optim-state-dtype)
   FSDP working set 8 B x root + 12 B x block
                    root: embedding + output head + final norm, gathered (params + grads) for the whole step;
                    block: the largest decoder block gathered, its routed experts counted / ep; two blocks'
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from .config import ModelConfig
 
 GIB = 1024**3
+MOMENT_BYTES = {"float32": 4, "bfloat16": 2}  # per AdamW moment and parameter (`dsv3 train --optim-state-dtype`)
 
 
 class PlanError(ValueError):
@@ -124,7 +125,9 @@ def activation_bytes(cfg: ModelConfig, tokens: int) -> float:
 
 
 def plan(cfg: ModelConfig, gpus: int, ep: int = 1, dp: int | None = None, micro_batch: int = 1,
-         seq_len: int = 4096) -> Plan:
+         seq_len: int = 4096, optim_state_dtype: str = "float32") -> Plan:
+    if optim_state_dtype not in MOMENT_BYTES:
+        raise PlanError(f"--optim-state-dtype must be float32 or bfloat16, got {optim_state_dtype!r}")
     if gpus < 1 or ep < 1 or micro_batch < 1 or seq_len < 1:
         raise PlanError("--gpus, --ep, --micro-batch and --seq-len must be >= 1")
     if gpus % ep:
@@ -140,7 +143,8 @@ def plan(cfg: ModelConfig, gpus: int, ep: int = 1, dp: int | None = None, micro_
     return Plan(
         gpus=gpus, ep=ep, dp=dp, micro_batch=micro_batch, seq_len=seq_len, params_total=total,
         params_per_gpu=total / gpus, experts_per_gpu=E // ep,
-        parameters=4.0 * total / gpus, gradients=4.0 * total / gpus, optimizer=8.0 * total / gpus,
+        parameters=4.0 * total / gpus, gradients=4.0 * total / gpus,
+        optimizer=2.0 * MOMENT_BYTES[optim_state_dtype] * total / gpus,
         fsdp_working_set=8.0 * root + 12.0 * block,
         activations=activation_bytes(cfg, micro_batch * seq_len),
     )
@@ -155,7 +159,7 @@ def format_plan(p: Plan, gpu_memory_gib: float | None = None) -> str:
     rows = [
         ("parameters (fp32 shards = AdamW master weights)", p.parameters),
         ("gradients (fp32 shards)", p.gradients),
-        ("optimizer state (AdamW moments, 2 x fp32)", p.optimizer),
+        (f"optimizer state (AdamW's two moments, {p.optimizer / p.params_per_gpu:g} B per parameter)", p.optimizer),
         ("FSDP working set (gathered root + blocks)", p.fsdp_working_set),
         (f"activations (micro-batch {p.micro_batch} x {p.seq_len} tokens)", p.activations),
         ("total", p.total),
@@ -187,13 +191,14 @@ def format_meshes(plans: list[Plan], gpu_memory_gib: float | None = None) -> str
 def cmd_plan(args) -> int:
     cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     if args.ep is None:
-        plans = [plan(cfg, args.gpus, e, None, args.micro_batch, args.seq_len) for e in valid_eps(cfg, args.gpus)]
+        plans = [plan(cfg, args.gpus, e, None, args.micro_batch, args.seq_len, args.optim_state_dtype)
+                 for e in valid_eps(cfg, args.gpus)]
         if args.json:
             print(json.dumps([p.to_dict() for p in plans], indent=2))
         else:
             print(format_meshes(plans, args.gpu_memory))
         return 0
-    p = plan(cfg, args.gpus, args.ep, args.dp, args.micro_batch, args.seq_len)
+    p = plan(cfg, args.gpus, args.ep, args.dp, args.micro_batch, args.seq_len, args.optim_state_dtype)
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p, args.gpu_memory))
     return 0
 
@@ -210,6 +215,8 @@ def register(sub) -> None:
     p.add_argument("--dp", type=int, default=None, help="data-parallel degree of the experts (default gpus / ep)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward on each GPU")
     p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--optim-state-dtype", choices=list(MOMENT_BYTES), default="float32",
+                   help="AdamW's moments, as `dsv3 train --optim-state-dtype` (bfloat16: half the optimizer state)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU, for the fits/does-not-fit line")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
