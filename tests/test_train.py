@@ -350,6 +350,42 @@ def test_resume_is_bit_identical(tmp_path, state_dtype):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the CPU kernels' autograd functions rerun
+def test_recompute_gives_the_same_numbers_from_fewer_saved_tensors(dtype):
+    """Activation checkpointing per block: loss, every gradient and the routing statistics bit-identical (the
+    backward's rerun adds no statistics), while the blocks' saved tensors are gone (only the heads' remain)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    model = DeepseekV3(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 65))
+
+    def run(recompute):
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = model.forward_train(ids[:, :-1], recompute=recompute)
+            loss = (cross_entropy(out.logits, ids[:, 1:]) + cross_entropy(out.mtp_logits[0], ids[:, 2:])
+                    + sum(r.balance for r in out.routing + out.mtp_routing))
+        loss.backward()
+        stats = [(r.load, r.balance.detach()) for r in out.routing + out.mtp_routing]
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, stats, sum(saved)
+
+    loss, grads, stats, saved = run(False)
+    loss_rc, grads_rc, stats_rc, saved_rc = run(True)
+    assert torch.equal(loss, loss_rc)
+    assert grads.keys() == grads_rc.keys() and all(torch.equal(grads[k], grads_rc[k]) for k in grads)
+    assert len(stats) == len(stats_rc) == cfg.num_moe_layers + 1
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(stats, stats_rc))
+    assert saved_rc < 0.25 * saved, (saved_rc, saved)
+
+
+def test_recompute_trains_as_without(tmp_path):
+    Trainer(_args(tmp_path / "a", max_steps=4)).run()
+    Trainer(_args(tmp_path / "b", max_steps=4, recompute=True)).run()
+    assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
+
+
 def test_auto_dtype_is_bf16_where_the_kernels_run(tmp_path, monkeypatch):
     from dsv3 import kernels
     from dsv3.train.trainer import train_dtype

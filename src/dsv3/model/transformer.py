@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import kernels
@@ -43,6 +44,21 @@ class DecoderLayer(nn.Module):
     def forward_absorbed(self, h, cos, sin, cache, positions, mask, absorbed=None):
         h = h + self.self_attn.forward_absorbed(self.input_layernorm(h), cos, sin, cache, positions, mask, absorbed)
         return h + self._mlp(self.post_attention_layernorm(h), None)
+
+
+def _checkpointed(layer: DecoderLayer, h, y, cos, sin, mask, stats: list[RoutingStats] | None):
+    """layer(h, y, ...) under activation checkpointing (torch.utils.checkpoint, non-reentrant): only the inputs
+    are kept, and the backward runs the block again to rebuild what it needs. The routing statistics come back as
+    an output of the first run, so the backward's rerun adds none to `stats`."""
+
+    def run(h, y):
+        block_stats = None if stats is None else []
+        return *layer(h, y, cos, sin, mask, block_stats), block_stats
+
+    h, y, block_stats = torch.utils.checkpoint.checkpoint(run, h, y, use_reentrant=False)
+    if stats is not None:
+        stats.extend(block_stats)
+    return h, y
 
 
 class SharedHead(nn.Module):
@@ -160,13 +176,15 @@ class DeepseekV3(nn.Module):
         return self._forward(input_ids, attention_mask, cache=cache).logits
 
     def forward_train(self, input_ids: torch.Tensor, mtp: bool = True,
-                      documents: torch.Tensor | None = None) -> ForwardOutput:
+                      documents: torch.Tensor | None = None, recompute: bool = False) -> ForwardOutput:
         """Main logits, MTP logits per depth (position i of depth k predicts token i+k+1) and routing stats.
 
         documents [B, T] (optional): a document number per token of packed rows; attention then stays inside
         each document, as at inference, where every prompt starts a fresh context.
+        recompute: activation checkpointing per decoder block (MTP blocks too): each block keeps only its inputs
+        for the backward, which runs the block's forward again (the same numbers, ~1/3 more compute).
         """
-        return self._forward(input_ids, None, with_stats=True, mtp=mtp, documents=documents)
+        return self._forward(input_ids, None, with_stats=True, mtp=mtp, documents=documents, recompute=recompute)
 
     @staticmethod
     def _padding_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
@@ -184,7 +202,7 @@ class DeepseekV3(nn.Module):
         return (causal[None] & (documents[:, :, None] == documents[:, None, :]))[:, None]
 
     def _forward(self, input_ids, attention_mask=None, with_stats=False, mtp=False, cache=None,
-                 documents=None) -> ForwardOutput:
+                 documents=None, recompute=False) -> ForwardOutput:
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rotary(positions)
@@ -192,8 +210,12 @@ class DeepseekV3(nn.Module):
         stats: list[RoutingStats] | None = [] if with_stats else None
         emb = self.model.embed_tokens(input_ids)
         h, y = emb, None
+        recompute = recompute and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h, y = layer(h, y, cos, sin, mask, stats, None if cache is None else cache.latent[i])
+            if recompute:
+                h, y = _checkpointed(layer, h, y, cos, sin, mask, stats)
+            else:
+                h, y = layer(h, y, cos, sin, mask, stats, None if cache is None else cache.latent[i])
         _, hidden = self.model.norm(h, y)
         out = ForwardOutput(logits=self.lm_head(hidden), hidden=hidden, routing=stats or [])
         if mtp:
@@ -204,7 +226,8 @@ class DeepseekV3(nn.Module):
                 x = layer.combine(emb[:, k:], prev[:, : T - k])
                 mstats: list[RoutingStats] = []
                 mtp_mask = None if mask is None else mask[..., : T - k, : T - k]
-                x, y = layer(x, None, cos[:, : T - k], sin[:, : T - k], mtp_mask, mstats)
+                args = (x, None, cos[:, : T - k], sin[:, : T - k], mtp_mask, mstats)
+                x, y = _checkpointed(layer, *args) if recompute else layer(*args)
                 _, prev = layer.shared_head.norm(x, y)
                 out.mtp_logits.append(self.lm_head(prev))
                 out.mtp_routing.extend(mstats)

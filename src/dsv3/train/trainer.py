@@ -78,6 +78,7 @@ class TrainArgs:
     loss_on: str = "all"  # "answers": built-in corpus only, no loss on the question tokens (SFT-style)
     worked: str = "columns"  # built-in corpus: how solutions write each equation (dsv3.data.math.equation)
     doc_mask: bool = True  # attention stays inside each packed document (documents start with BOS)
+    recompute: bool = False  # activation checkpointing per decoder block (model.forward_train's recompute)
     tensorboard: bool = False
     wandb: bool = False
     progress: bool = True
@@ -324,7 +325,8 @@ class Trainer:
         ctx = (torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype
                else torch.autocast(dev, enabled=False))
         with ctx:
-            out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda), documents=self._documents(inputs))
+            out = self.model.forward_train(inputs, mtp=self._mtp_on(mtp_lambda), documents=self._documents(inputs),
+                                           recompute=self.args.recompute)
         if global_counts is None:
             main = cross_entropy(out.logits, labels, overwrite_logits=True)
             mtp = torch.zeros((), device=main.device)
