@@ -143,15 +143,17 @@ def test_checkpoint_of_one_process_resumes_in_two(one_process, tok_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_bf16_optimizer_state_on_two_processes_matches_one(tok_dir, tmp_path):
+def test_bf16_optimizer_state_and_recompute_on_two_processes_match_one(tok_dir, tmp_path):
     """--optim-state-dtype bfloat16 steps FSDP2's sharded parameters (DTensor) and the experts split by --ep as
-    one process steps whole ones, and its checkpoint (sharded) resumes in one process."""
+    one process steps whole ones, and its checkpoint (sharded) resumes in one process; --recompute reruns the
+    blocks, their all-to-all exchanges included, in the backward of both processes (the reference has neither)."""
     settings = {**_settings(tok_dir), "optim_state_dtype": "bfloat16"}
     one = tmp_path / "one"
     Trainer(TrainArgs(out=str(one), progress=False, **settings)).run()
     two = tmp_path / "two"
-    _run([sys.executable, "-m", "dsv3", "train", "--out", str(two), "--nproc", "2", "--ep", "2",
+    _run([sys.executable, "-m", "dsv3", "train", "--out", str(two), "--nproc", "2", "--ep", "2", "--recompute",
           *_flags({**settings, "micro_batch_size": 2})])
+    assert json.loads((two / "train_args.json").read_text())["recompute"]
     _assert_same_losses(_metrics(two), _metrics(one))
     _assert_same_weights(one, two)
     run = _keep_until(two, 2, tmp_path / "resumed")
@@ -221,6 +223,11 @@ def test_plan_matches_a_hand_computation():
     per_token = (4 * (4 * a_norms + 2 * a_attn) + 2 * (H + 4 * F) + 3 * (2 * a_moe + 4 * a_router)
                  + 4 * 4 * H + 2 * 2 * H + 2 * (2 * V + 4 * (2 * H + V)))
     assert p.activations == per_token * 2 * 16
+    # --recompute: every block (3 + MTP) keeps its two inputs (8 H bytes), one block is rebuilt at a time
+    block = 4 * a_norms + 2 * a_attn
+    rebuilt = max(block + 2 * (H + 4 * F), block + 2 * a_moe + 4 * a_router)
+    per_token = 4 * 8 * H + rebuilt + 4 * 4 * H + 2 * 2 * H + 2 * (2 * V + 4 * (2 * H + V))
+    assert plan(cfg, gpus=4, ep=2, micro_batch=2, seq_len=16, recompute=True).activations == per_token * 2 * 16
     assert p.total == p.parameters + p.gradients + p.optimizer + p.fsdp_working_set + p.activations
     assert plan(cfg, gpus=4, ep=4).fsdp_working_set < p.fsdp_working_set  # more EP, smaller gathered experts
     for kw, msg in [(dict(gpus=4, ep=3), "must divide --gpus"), (dict(gpus=6, ep=3), "routed experts"),

@@ -2,7 +2,8 @@
 
 It follows what `dsv3 train` does on several processes (dsv3.train.parallel): FSDP2 over all G GPUs for every
 parameter except the routed experts, which are split over "ep" and FSDP-sharded over "dp" (G = dp x ep); fp32
-parameters (they are AdamW's master weights), bf16 autocast compute, no activation recomputation.
+parameters (they are AdamW's master weights), bf16 autocast compute, activation recomputation per block with
+--recompute (as `dsv3 train --recompute`).
 
 Per GPU, with P parameters in all (sizes from the config on the meta device; no memory is used):
   parameters       4 B x P / G    fp32 shards, the AdamW master weights (FSDP and expert sharding together)
@@ -24,6 +25,9 @@ Activations, values saved per token (measured against autograd's saved tensors o
   output head     2 H fp32 (final norm) + V bf16 logits + V fp32 log-softmax, per head (main and each MTP)
   MTP module      a MoE block, plus 4 H fp32 (enorm, hnorm) + 2 H (their concatenation)
 Everything not marked fp32 is bf16 (2 bytes).
+With --recompute every decoder block (MTP blocks too) keeps only its two inputs, 8 H bytes per token (the residual
+stream and the previous block's output, fp32 at most), and one block's activations at a time are rebuilt in the
+backward; the MTP combination and the output heads are kept as above.
 """
 
 from __future__ import annotations
@@ -107,25 +111,28 @@ def activation_values_per_token(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int) -> float:
-    """Bytes of saved activations for `tokens` tokens through the whole model, MTP modules included."""
+def activation_bytes(cfg: ModelConfig, tokens: int, recompute: bool = False) -> float:
+    """Bytes of saved activations for `tokens` tokens through the whole model, MTP modules included; with
+    recompute, as `forward_train(recompute=True)` keeps them (per-block inputs, one block rebuilt at a time)."""
     a = activation_values_per_token(cfg)
     n_moe = cfg.num_moe_layers
     n_dense = cfg.num_hidden_layers - n_moe
     n_mtp = cfg.num_nextn_predict_layers
     mtp_ffn = (a["moe"], a["router_fp32"]) if cfg.n_routed_experts else (a["dense_mlp"], 0)
-    per_token = (
-        (cfg.num_hidden_layers + n_mtp) * (4 * a["norms_fp32"] + 2 * a["attention"])
-        + n_dense * 2 * a["dense_mlp"]
-        + n_moe * (2 * a["moe"] + 4 * a["router_fp32"])
-        + n_mtp * (2 * mtp_ffn[0] + 4 * mtp_ffn[1] + 4 * a["mtp_combine_fp32"] + 2 * a["mtp_combine"])
-        + (1 + n_mtp) * (2 * a["head_bf16"] + 4 * a["head_fp32"])
-    )
+    block = 4 * a["norms_fp32"] + 2 * a["attention"]  # bytes per token of a block, before its MLP or MoE
+    kinds = [(n_dense, block + 2 * a["dense_mlp"]), (n_moe, block + 2 * a["moe"] + 4 * a["router_fp32"]),
+             (n_mtp, block + 2 * mtp_ffn[0] + 4 * mtp_ffn[1])]  # (how many, bytes per token each)
+    if recompute:
+        blocks = (cfg.num_hidden_layers + n_mtp) * 8 * cfg.hidden_size + max(b for n, b in kinds if n)
+    else:
+        blocks = sum(n * b for n, b in kinds)
+    per_token = (blocks + n_mtp * (4 * a["mtp_combine_fp32"] + 2 * a["mtp_combine"])
+                 + (1 + n_mtp) * (2 * a["head_bf16"] + 4 * a["head_fp32"]))
     return float(per_token * tokens)
 
 
 def plan(cfg: ModelConfig, gpus: int, ep: int = 1, dp: int | None = None, micro_batch: int = 1,
-         seq_len: int = 4096, optim_state_dtype: str = "float32") -> Plan:
+         seq_len: int = 4096, optim_state_dtype: str = "float32", recompute: bool = False) -> Plan:
     if optim_state_dtype not in MOMENT_BYTES:
         raise PlanError(f"--optim-state-dtype must be float32 or bfloat16, got {optim_state_dtype!r}")
     if gpus < 1 or ep < 1 or micro_batch < 1 or seq_len < 1:
@@ -146,7 +153,7 @@ def plan(cfg: ModelConfig, gpus: int, ep: int = 1, dp: int | None = None, micro_
         parameters=4.0 * total / gpus, gradients=4.0 * total / gpus,
         optimizer=2.0 * MOMENT_BYTES[optim_state_dtype] * total / gpus,
         fsdp_working_set=8.0 * root + 12.0 * block,
-        activations=activation_bytes(cfg, micro_batch * seq_len),
+        activations=activation_bytes(cfg, micro_batch * seq_len, recompute),
     )
 
 
@@ -191,14 +198,15 @@ def format_meshes(plans: list[Plan], gpu_memory_gib: float | None = None) -> str
 def cmd_plan(args) -> int:
     cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     if args.ep is None:
-        plans = [plan(cfg, args.gpus, e, None, args.micro_batch, args.seq_len, args.optim_state_dtype)
+        plans = [plan(cfg, args.gpus, e, None, args.micro_batch, args.seq_len, args.optim_state_dtype, args.recompute)
                  for e in valid_eps(cfg, args.gpus)]
         if args.json:
             print(json.dumps([p.to_dict() for p in plans], indent=2))
         else:
             print(format_meshes(plans, args.gpu_memory))
         return 0
-    p = plan(cfg, args.gpus, args.ep, args.dp, args.micro_batch, args.seq_len, args.optim_state_dtype)
+    p = plan(cfg, args.gpus, args.ep, args.dp, args.micro_batch, args.seq_len, args.optim_state_dtype,
+             args.recompute)
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p, args.gpu_memory))
     return 0
 
@@ -217,6 +225,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--optim-state-dtype", choices=list(MOMENT_BYTES), default="float32",
                    help="AdamW's moments, as `dsv3 train --optim-state-dtype` (bfloat16: half the optimizer state)")
+    p.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing per block, as `dsv3 train --recompute`")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU, for the fits/does-not-fit line")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
