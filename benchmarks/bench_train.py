@@ -25,9 +25,12 @@ on a shared machine whose speed changes from minute to minute, the run then star
 whenever it was launched. It selects when the steps start, not which steps count: all of them do, and the reading
 that ended the wait joins the others in the peak.
 
+--recompute runs both sides with activation checkpointing per block; --optim-state-dtype bfloat16 gives dsv3 its
+bf16-moment AdamW (transformers' stays fp32).
+
 Usage: python benchmarks/bench_train.py [--preset small] [--batch 16] [--seq 512] [--repeats 5] [--dtype bfloat16]
-       [--alone-steps 20] [--peak-tflops P] [--wait-fast T S]
-Writes benchmarks/results/train_{dtype}_{batch}x{seq}.json.
+       [--alone-steps 20] [--peak-tflops P] [--wait-fast T S] [--recompute] [--optim-state-dtype bfloat16]
+Writes benchmarks/results/train_{dtype}_{batch}x{seq}[_recompute][_bf16moments].json.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ def main() -> None:
     ap.add_argument("--alone-steps", type=int, default=20,
                     help="then this many dsv3 steps back to back, a matmul reading after each, for the MFU of the "
                          "steps whose two adjacent readings are both >= 90%% of the peak (0: none)")
+    ap.add_argument("--recompute", action="store_true",
+                    help="activation checkpointing per decoder block on both sides (dsv3's --recompute, "
+                         "transformers' activation_checkpointing_enable)")
+    ap.add_argument("--optim-state-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dsv3's AdamW moments (`dsv3 train --optim-state-dtype`); transformers keeps fp32")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="MFU against this matmul peak (TFLOP/s, all threads) instead of the best reading of the run; "
                          "the readings are still taken and recorded")
@@ -107,17 +115,20 @@ def main() -> None:
     ours, hf = build_models(cfg, seed=0)
     ours.train()
     hf.train()
+    if args.recompute:
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
     before = loadavg()
 
     def ours_loss(b):
-        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False).logits, b[:, 1:], overwrite_logits=True)
+        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False, recompute=args.recompute).logits, b[:, 1:],
+                             overwrite_logits=True)
 
     def hf_loss(b):  # transformers' ForCausalLMLoss: upcast the logits, then F.cross_entropy
         logits = hf(b[:, :-1]).logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
 
-    ours_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+    ours_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1, state_dtype=args.optim_state_dtype)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     sides = [(ours_loss, ours_opt), (hf_loss, hf_opt)]
     for loss_fn, opt in sides:  # warm-up
@@ -142,6 +153,7 @@ def main() -> None:
     at_peak = [t for t, r0, r1 in alone if min(r0, r1) >= 0.9 * peak]  # steps while the machine read near it
     fpt = flops_per_token(cfg, args.seq)
     res = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+           "recompute": args.recompute, "optim_state_dtype": args.optim_state_dtype,
            "dsv3_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf, "ratio": t_hf / t_ours,
            "dsv3_mfu": tokens * fpt / t_ours / peak, "hf_mfu": tokens * fpt / t_hf / peak,
            "matmul_peak_tflops": peak / 1e12, "peak_source": "given" if args.peak_tflops else "measured",
@@ -167,7 +179,8 @@ def main() -> None:
         print(f"dsv3 alone, {len(alone)} steps back to back: {len(at_peak)} between two readings >= 90% of the peak"
               + (f", median {statistics.median(at_peak):.3f} s: MFU {res['dsv3_mfu_at_peak']:.1%}" if at_peak else "")
               + f" (all: median {statistics.median(t for t, _, _ in alone):.3f} s)")
-    out = Path(__file__).parent / "results" / f"train_{args.dtype}_{args.batch}x{args.seq}.json"
+    variant = "_recompute" * args.recompute + "_bf16moments" * (args.optim_state_dtype == "bfloat16")
+    out = Path(__file__).parent / "results" / f"train_{args.dtype}_{args.batch}x{args.seq}{variant}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
 
