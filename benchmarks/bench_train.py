@@ -65,6 +65,21 @@ def train_step(loss_fn, opt, batch, autocast: bool) -> float:
     return time.perf_counter() - t
 
 
+def token_batch(cfg: ModelConfig, batch: int, seq: int) -> torch.Tensor:
+    """The benchmark's batch: [batch, seq + 1] random token ids (inputs and their next-token labels)."""
+    return torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+
+
+def dsv3_loss(model, recompute: bool = False):
+    """dsv3's main next-token loss on a token_batch, as the benchmark trains it (its CPU cross-entropy kernel)."""
+
+    def loss(b):
+        logits = model.forward_train(b[:, :-1], mtp=False, recompute=recompute).logits
+        return cross_entropy(logits, b[:, 1:], overwrite_logits=True)
+
+    return loss
+
+
 def wait_for_peak(dtype: torch.dtype, tflops: float, seconds: float, peaks: list[float]) -> float:
     """Read the matmul peak every 2 s until a reading reaches `tflops` or `seconds` have passed; the last reading
     joins `peaks`. Returns the seconds waited."""
@@ -117,12 +132,9 @@ def main() -> None:
     hf.train()
     if args.recompute:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
+    batch = token_batch(cfg, args.batch, args.seq)
     before = loadavg()
-
-    def ours_loss(b):
-        return cross_entropy(ours.forward_train(b[:, :-1], mtp=False, recompute=args.recompute).logits, b[:, 1:],
-                             overwrite_logits=True)
+    ours_loss = dsv3_loss(ours, args.recompute)
 
     def hf_loss(b):  # transformers' ForCausalLMLoss: upcast the logits, then F.cross_entropy
         logits = hf(b[:, :-1]).logits.float()

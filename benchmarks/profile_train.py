@@ -19,10 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import build_models  # noqa: E402
-from bench_train import train_step  # noqa: E402
+from bench_train import dsv3_loss, token_batch, train_step  # noqa: E402
 
 from dsv3 import ModelConfig  # noqa: E402
-from dsv3.model.transformer import cross_entropy  # noqa: E402
 from dsv3.train.optim import build_optimizer  # noqa: E402
 from dsv3.train.trainer import _matmul_peak_flops, keep_freed_memory  # noqa: E402
 
@@ -55,12 +54,9 @@ def main() -> None:
     cfg = ModelConfig.preset(args.preset)
     model, _ = build_models(cfg, seed=0)
     model.train()
-    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1))
+    batch = token_batch(cfg, args.batch, args.seq)
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
-
-    def loss_fn(b):
-        return cross_entropy(model.forward_train(b[:, :-1], mtp=False).logits, b[:, 1:], overwrite_logits=True)
-
+    loss_fn = dsv3_loss(model)
     for _ in range(2):  # warm-up: kernel builds, allocator
         train_step(loss_fn, opt, batch, True)
     plain = [train_step(loss_fn, opt, batch, True) for _ in range(args.steps)]
